@@ -1,0 +1,51 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both set themselves up first.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_AUTH_MODE := disabled
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test lint format bench stack-up stack-down clean
+
+# The venv is rebuilt whenever the lock or the project metadata changes.
+$(STAMP): requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; this project needs Python 3.11"; exit 1; }
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	@echo "Installing pinned dependencies into $(VENV) (a few minutes on a fresh machine)..."
+	@set -o pipefail; $(BIN)/pip install -q -r requirements.lock 2>&1 | { grep -v "^WARNING: Location" || true; }
+	@set -o pipefail; $(BIN)/pip install -q --no-deps --no-build-isolation -e . 2>&1 | { grep -v "^WARNING: Location" || true; }
+	@$(BIN)/python -c "import torch, open_clip, ray, mlflow, prefect, pyarrow, diki_model" || { echo "error: installation incomplete"; exit 1; }
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/diki demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check diki_model pipelines services tests benchmarks
+	$(BIN)/ruff format --check diki_model pipelines services tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format diki_model pipelines services tests benchmarks
+	$(BIN)/ruff check --fix diki_model pipelines services tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_model.py
+
+stack-up: $(STAMP)
+	$(BIN)/diki stack up
+
+stack-down: $(STAMP)
+	$(BIN)/diki stack down
+
+clean:
+	rm -rf .diki runs

@@ -1,0 +1,72 @@
+"""Gate calibrations: map a sample's winning task log-density to a gate w in [0, 1].
+
+The gate multiplies the residual branch in every prompted layer of both towers, so it decides
+how much of a task's learned knowledge an image receives. Images from a learned distribution
+should get w ~ 1, images from anywhere else w ~ 0 (they then see the untouched pre-trained model).
+
+- ``StandardizedGate`` (default): w = sigmoid((S - m_k) / s_k + offset), where m_k, s_k are the
+  mean and std of task k's own log-densities on held-out training images. Independent of the
+  feature dimension and of the overall scale of the scores, so it holds across backbones.
+- ``PaperGate``: the authors' constant mapping w = sigmoid(S / 512 - 1). Tied to the scale of
+  512-d ViT-B/16 features; kept for paper comparisons.
+- ``ConstantGate``: w = value for every sample (1.0 = "IKI without calibration").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+GATE_NAMES = ("standardized", "paper", "constant")
+
+
+class GateCalibration(Protocol):
+    name: str
+
+    def __call__(self, best_score: torch.Tensor, task_index: torch.Tensor, score_stats: torch.Tensor) -> torch.Tensor:
+        """best_score (B,) float64, task_index (B,) long, score_stats (T, 2) [mean, std] -> gate (B,)."""
+        ...
+
+
+@dataclass(frozen=True)
+class StandardizedGate:
+    offset: float = 3.0
+    min_std: float = 1e-3
+    name: str = "standardized"
+
+    def __call__(self, best_score: torch.Tensor, task_index: torch.Tensor, score_stats: torch.Tensor) -> torch.Tensor:
+        mean = score_stats[task_index, 0]
+        std = score_stats[task_index, 1].clamp_min(self.min_std)
+        return torch.sigmoid((best_score - mean) / std + self.offset)
+
+
+@dataclass(frozen=True)
+class PaperGate:
+    scale: float = 512.0
+    shift: float = 1.0
+    name: str = "paper"
+
+    def __call__(self, best_score: torch.Tensor, task_index: torch.Tensor, score_stats: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(best_score / self.scale - self.shift)
+
+
+@dataclass(frozen=True)
+class ConstantGate:
+    value: float = 1.0
+    name: str = "constant"
+
+    def __call__(self, best_score: torch.Tensor, task_index: torch.Tensor, score_stats: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(best_score, self.value)
+
+
+def make_gate(name: str, **kwargs: float) -> GateCalibration:
+    """Build a calibration by name (``standardized``, ``paper`` or ``constant``)."""
+    if name == "standardized":
+        return StandardizedGate(**kwargs)
+    if name == "paper":
+        return PaperGate(**kwargs)
+    if name == "constant":
+        return ConstantGate(**kwargs)
+    raise ValueError(f"unknown gate calibration {name!r}; choose one of {GATE_NAMES}")
