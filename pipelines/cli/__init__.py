@@ -13,6 +13,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Continual learning for CLIP classifiers: learn each new labelled dataset without forgetting."""
+
+
 @app.command()
 def version() -> None:
     """Print the version of the diki package."""
