@@ -78,8 +78,9 @@ class ResidualKVAttention(nn.Module):
         key = torch.empty(self.prompt_length, self.embed_dim, dtype=torch.float32)
         key.uniform_(-1.0, 1.0, generator=generator)
         value = torch.zeros(self.prompt_length, self.embed_dim, dtype=torch.float32)
-        self.keys.append(nn.Parameter(key.to(ref.device)))
-        self.values.append(nn.Parameter(value.to(ref.device)))
+        # Frozen until a training run unfreezes the one task it learns.
+        self.keys.append(nn.Parameter(key.to(ref.device), requires_grad=False))
+        self.values.append(nn.Parameter(value.to(ref.device), requires_grad=False))
 
     def forward(
         self,
@@ -94,13 +95,21 @@ class ResidualKVAttention(nn.Module):
         route = self._state.routes.get(self.tower)
         if route is None or self.num_tasks == 0 or need_weights or key_padding_mask is not None:
             return self.base_layer(
-                query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask, **kwargs
+                query,
+                key,
+                value,
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                **kwargs,
             )
         x = query if self.batch_first else query.transpose(0, 1)  # (B, N, D)
         bsz, n_tok, dim = x.shape
         base = self.base_layer
         q, k, v = F.linear(x, base.in_proj_weight, base.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (t.view(bsz, n_tok, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, h, N, dh)
+        q, k, v = (
+            t.view(bsz, n_tok, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v)
+        )  # (B, h, N, dh)
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             attn_mask = ~attn_mask  # nn.MultiheadAttention: True = masked; SDPA: True = attend
         elif attn_mask is not None:
@@ -163,7 +172,9 @@ def _tower_blocks(model: nn.Module) -> dict[str, nn.ModuleList]:
     return {"vision": visual.transformer.resblocks, "text": text_transformer.resblocks}
 
 
-def resolve_layers(requested: tuple[int, ...] | None, num_layers: int, default_count: int, tower: str) -> tuple[int, ...]:
+def resolve_layers(
+    requested: tuple[int, ...] | None, num_layers: int, default_count: int, tower: str
+) -> tuple[int, ...]:
     if requested is None:
         return tuple(range(min(default_count, num_layers)))
     layers = tuple(sorted(set(int(i) for i in requested)))

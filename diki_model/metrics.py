@@ -12,9 +12,9 @@ follow the protocol exactly and use only the N rows after each training step:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -86,8 +86,9 @@ def plot_heatmap(
     ax.set_yticks(range(a.shape[0]), labels=rows)
     for r in range(a.shape[0]):
         for c in range(a.shape[1]):
-            ax.text(c, r, f"{a[r, c]:.1f}", ha="center", va="center", fontsize=8,
-                    color="white" if a[r, c] < 60 else "black")
+            ax.text(
+                c, r, f"{a[r, c]:.1f}", ha="center", va="center", fontsize=8, color="white" if a[r, c] < 60 else "black"
+            )
     ax.set_xlabel("evaluated on")
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)

@@ -1,0 +1,198 @@
+import json
+
+import pytest
+import torch
+
+from diki_model import (
+    ArtifactError,
+    DikiConfig,
+    TrainConfig,
+    create_diki_model,
+    learn_task,
+    load_task,
+    save_task,
+)
+from diki_model.train import TaskStatistics
+from tests.synthetic import quadrant_domain
+
+CLASSES_A = ["north west", "north east", "south west", "south east"]
+CLASSES_B = ["red", "green", "blue"]
+
+
+def two_task_model(config: DikiConfig | None = None):
+    model = create_diki_model("diki-test-tiny", seed=0, config=config)
+    xa, ya = quadrant_domain(120, 4, 1.0, seed=0)
+    xb, yb = quadrant_domain(120, 3, -1.5, seed=1)
+    cfg = TrainConfig(epochs=2, batch_size=32, seed=0)
+    learn_task(model, "quadrants", CLASSES_A, xa, ya, cfg=cfg, progress=False)
+    learn_task(model, "colours", CLASSES_B, xb, yb, template="a {} square.", cfg=cfg, progress=False)
+    # Give the adapters visible effect so gating is observable on a random backbone.
+    with torch.no_grad():
+        for _, _, layer in model.adapter_layers():
+            for i, v in enumerate(layer.values):
+                v.copy_(torch.randn(v.shape, generator=torch.Generator().manual_seed(10 + i)))
+    model.invalidate_caches()
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return two_task_model()
+
+
+def probe_images():
+    xa, _ = quadrant_domain(6, 4, 1.0, seed=50)
+    xb, _ = quadrant_domain(6, 3, -1.5, seed=51)
+    noise = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(52)) * 6 - 3
+    return xa, xb, noise
+
+
+def test_routes_each_learned_domain_to_its_task_and_gates_the_unknown_off(model):
+    xa, xb, noise = probe_images()
+    p = model.predict(torch.cat([xa, xb, noise]))
+    assert p.task_index[:6].tolist() == [0] * 6
+    assert p.task_index[6:12].tolist() == [1] * 6
+    assert (p.gate[:12] > 0.5).all()
+    assert (p.gate[12:] < 1e-3).all() and p.ood[12:].all() and not p.ood[:12].any()
+    assert all(lbl in CLASSES_A for lbl in p.labels[:6]) and all(lbl in CLASSES_B for lbl in p.labels[6:12])
+
+
+def test_predictions_are_batch_invariant(model):
+    xa, xb, noise = probe_images()
+    batch = torch.cat([xa, xb, noise])
+    together = model.predict(batch)
+    for order in (torch.arange(16).flip(0), torch.randperm(16, generator=torch.Generator().manual_seed(3))):
+        shuffled = model.predict(batch[order])
+        assert [together.labels[i] for i in order.tolist()] == shuffled.labels
+        torch.testing.assert_close(together.gate[order], shuffled.gate, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(together.confidence[order], shuffled.confidence, rtol=1e-4, atol=1e-5)
+    for i in (0, 7, 13):
+        alone = model.predict(batch[i : i + 1])
+        assert alone.labels[0] == together.labels[i]
+        assert int(alone.task_index[0]) == int(together.task_index[i])
+        assert float(alone.gate[0]) == pytest.approx(float(together.gate[i]), abs=1e-6)
+        assert float(alone.confidence[0]) == pytest.approx(float(together.confidence[i]), abs=1e-4)
+
+
+def test_batch_routing_option_depends_on_the_batch():
+    m = two_task_model(DikiConfig(routing="batch"))
+    xa, xb, _ = probe_images()
+    mixed = m.predict(torch.cat([xa, xb[:2]]))
+    assert mixed.task_index.tolist() == [0] * 8  # majority vote puts colour images on task 0 too
+    alone = m.predict(xb[:2])
+    assert alone.task_index.tolist() == [1, 1]
+
+
+def test_label_spaces_caller_labels_and_forced_task(model):
+    xa, xb, _ = probe_images()
+    p = model.predict(xb, labels=["cat", "dog"], template="a photo of a {}.")
+    assert set(p.labels) <= {"cat", "dog"} and all(len(t) == 2 for t in p.top_k)
+    forced = model.predict(xa, task="colours")
+    assert all(lbl in CLASSES_B for lbl in forced.labels) and forced.task_index.tolist() == [1] * 6
+    upper = model.predict(xa, task=0, gate=1.0)
+    assert torch.allclose(upper.gate, torch.ones(6))
+    with pytest.raises(KeyError, match="unknown task"):
+        model.predict(xa, task="nope")
+
+
+def test_without_adapters_the_model_is_zero_shot_clip():
+    m = create_diki_model("diki-test-tiny", seed=0)
+    xa, _, _ = probe_images()
+    labels = ["one", "two", "three"]
+    p = m.predict(xa, labels=labels)
+    clip = m.clip
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(clip.encode_image(xa), dim=-1)
+        txt = torch.nn.functional.normalize(
+            clip.encode_text(m.tokenize([f"a photo of a {c}." for c in labels])), dim=-1
+        )
+        want = (clip.logit_scale.exp() * img @ txt.T).softmax(-1)
+    torch.testing.assert_close(p.confidence, want.max(-1).values, rtol=1e-5, atol=1e-6)
+    assert p.task_index.tolist() == [-1] * 6 and p.ood.all()
+    with pytest.raises(ValueError, match="pass `labels`"):
+        m.predict(xa)
+
+
+def test_gate_zero_prediction_equals_zero_shot_for_task_labels(model):
+    xa, _, _ = probe_images()
+    gated_off = model.predict(xa, task=0, gate=0.0)
+    zs = create_diki_model("diki-test-tiny", seed=0).predict(xa, labels=CLASSES_A)
+    torch.testing.assert_close(gated_off.confidence, zs.confidence, rtol=1e-5, atol=1e-6)
+
+
+def test_text_gate_interpolates_between_cached_levels(model):
+    prompts = model.tasks[0].prompts()
+    task = torch.tensor([0, 0, 0])
+    feats = model.text_features(prompts, task, torch.tensor([0.0, 0.35, 1.0], dtype=torch.float64))
+    lo, hi = model._text_level(tuple(prompts), 0, 3), model._text_level(tuple(prompts), 0, 4)
+    want = torch.nn.functional.normalize(0.5 * lo + 0.5 * hi, dim=-1)
+    torch.testing.assert_close(feats[1], want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(feats[2], model._text_level(tuple(prompts), 0, 10))
+
+
+def test_artifact_round_trip_gives_identical_predictions(model, tmp_path):
+    for t in range(model.num_tasks):
+        save_task(model, t, tmp_path / f"task{t}")
+    meta = json.loads((tmp_path / "task1" / "task.json").read_text())
+    assert meta["classes"] == CLASSES_B and meta["template"] == "a {} square."
+    assert meta["backbone"]["fingerprint"] == model.backbone_info.fingerprint
+    assert meta["num_samples"] == 120 and meta["feature_dim"] == 32
+    assert not list(tmp_path.glob("**/*.pt")) and not list(tmp_path.glob("**/*.pkl"))
+    fresh = create_diki_model("diki-test-tiny", seed=0)
+    for t in range(model.num_tasks):
+        assert load_task(fresh, tmp_path / f"task{t}") == t
+    xa, xb, noise = probe_images()
+    batch = torch.cat([xa, xb, noise])
+    a, b = model.predict(batch), fresh.predict(batch)
+    assert a.labels == b.labels
+    torch.testing.assert_close(a.gate, b.gate)
+    torch.testing.assert_close(a.confidence, b.confidence)
+
+
+def test_artifact_refuses_another_backbone(model, tmp_path):
+    save_task(model, 0, tmp_path / "t")
+    other = create_diki_model("diki-test-tiny", seed=1)  # same config, other weights
+    with pytest.raises(ArtifactError, match="fingerprint"):
+        load_task(other, tmp_path / "t")
+    assert other.num_tasks == 0
+    layout = create_diki_model("diki-test-tiny", seed=0, config=DikiConfig(prompt_length=4))
+    with pytest.raises(ArtifactError, match="prompt_length"):
+        load_task(layout, tmp_path / "t")
+
+
+def test_artifact_errors_are_clear(model, tmp_path):
+    with pytest.raises(ArtifactError, match="missing task metadata"):
+        load_task(model, tmp_path / "nothing")
+    save_task(model, 0, tmp_path / "t")
+    (tmp_path / "t" / "adapter.safetensors").unlink()
+    fresh = create_diki_model("diki-test-tiny", seed=0)
+    with pytest.raises(ArtifactError, match="missing adapter weights"):
+        load_task(fresh, tmp_path / "t")
+
+
+def test_task_statistics_merge_across_workers_equals_one_pass(model):
+    x, _ = quadrant_domain(100, 4, 1.0, seed=9)
+    feats = model.encode_image(x)
+    one = TaskStatistics(32, holdout_every=5)
+    one.update(feats)
+    a, b = TaskStatistics(32, 5), TaskStatistics(32, 5)
+    a.update(feats[:50])
+    b.update(feats[50:])
+    merged = TaskStatistics.from_state_dict(a.state_dict()).merge(TaskStatistics.from_state_dict(b.state_dict()))
+    g1, m1, s1 = one.finalize()
+    g2, m2, s2 = merged.finalize()
+    torch.testing.assert_close(g1.cov, g2.cov)
+    assert m1 == pytest.approx(m2) and s1 == pytest.approx(s2)
+
+
+def test_training_is_deterministic_under_a_seed():
+    x, y = quadrant_domain(64, 4, 1.0, seed=2)
+    outs = []
+    for _ in range(2):
+        m = create_diki_model("diki-test-tiny", seed=0)
+        _, res = learn_task(m, "q", CLASSES_A, x, y, cfg=TrainConfig(epochs=2, batch_size=16, seed=3), progress=False)
+        outs.append((m.adapter_state_dict(0), [e.train_loss for e in res.history]))
+    assert outs[0][1] == outs[1][1]
+    for k, v in outs[0][0].items():
+        assert torch.equal(v, outs[1][0][k])
+    assert any(torch.count_nonzero(v) for k, v in outs[0][0].items() if k.endswith("value")), "training moved V"
