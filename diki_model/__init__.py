@@ -11,8 +11,10 @@ __version__ = "0.1.0"
 from diki_model.adapters import Route, inject_residual_kv
 from diki_model.artifacts import ArtifactError, load_task, read_task_metadata, save_task
 from diki_model.backbone import Backbone, BackboneInfo, fingerprint_model, load_backbone, register_model_configs
+from diki_model.bundle import BundleManifest, extend_bundle, load_bundle, read_bundle_manifest, save_bundle
 from diki_model.calibration import ConstantGate, PaperGate, StandardizedGate, make_gate
 from diki_model.config import DikiConfig
+from diki_model.evaluate import EvalResult, evaluate
 from diki_model.metrics import StreamMetrics, plot_heatmap, stream_metrics
 from diki_model.model import DikiCLIP, Prediction, TaskRecord, create_diki_model
 from diki_model.stats import Gaussian, GaussianAccumulator, GaussianScorer, ScoreStats
@@ -34,6 +36,13 @@ from diki_model.train import (
 __all__ = [
     "ArtifactError",
     "Backbone",
+    "BundleManifest",
+    "EvalResult",
+    "evaluate",
+    "extend_bundle",
+    "load_bundle",
+    "read_bundle_manifest",
+    "save_bundle",
     "BackboneInfo",
     "ConstantGate",
     "DikiCLIP",

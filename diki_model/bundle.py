@@ -1,0 +1,163 @@
+"""Bundles: the frozen backbone reference plus the ordered list of task artifacts.
+
+A bundle folder holds ``bundle.json`` and one sub-folder per task (``tasks/000-<name>/`` with
+``adapter.safetensors`` + ``task.json``). Bundle N+1 is bundle N plus one task, so a bundle
+names exactly the tasks a served model knows. The registry versions bundles; serving loads them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diki_model.artifacts import ArtifactError, library_version, load_task, read_task_metadata, save_task
+from diki_model.config import DikiConfig
+from diki_model.model import DikiCLIP, create_diki_model
+
+BUNDLE_FILE = "bundle.json"
+BUNDLE_VERSION = 1
+
+
+@dataclass
+class BundleManifest:
+    backbone: dict[str, Any]
+    config: dict[str, Any]
+    tasks: list[dict[str, Any]] = field(default_factory=list)  # [{"name", "path", "dataset_fingerprint"}]
+    library_version: str = ""
+    format_version: int = BUNDLE_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = BUNDLE_FILE) -> BundleManifest:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ArtifactError(f"{where}: not valid JSON ({err})") from err
+        for key in ("backbone", "config", "tasks"):
+            if key not in d:
+                raise ArtifactError(f"{where}: missing field {key!r}")
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t["name"] for t in self.tasks]
+
+
+def task_folder_name(index: int, name: str) -> str:
+    return f"tasks/{index:03d}-{name}"
+
+
+def save_bundle(model: DikiCLIP, directory: str | Path) -> BundleManifest:
+    """Write every task of ``model`` as a bundle folder, atomically."""
+    out = Path(directory)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tasks = []
+        for i, rec in enumerate(model.tasks):
+            rel = task_folder_name(i, rec.name)
+            save_task(model, i, tmp / rel)
+            tasks.append({"name": rec.name, "path": rel, "dataset_fingerprint": rec.dataset_fingerprint})
+        manifest = BundleManifest(
+            backbone=model.backbone_info.to_dict(),
+            config=model.config.to_dict(),
+            tasks=tasks,
+            library_version=library_version(),
+        )
+        (tmp / BUNDLE_FILE).write_text(manifest.to_json())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def read_bundle_manifest(directory: str | Path) -> BundleManifest:
+    path = Path(directory) / BUNDLE_FILE
+    if not path.exists():
+        raise ArtifactError(f"{path}: missing bundle manifest")
+    return BundleManifest.from_json(path.read_text(), str(path))
+
+
+def load_bundle(
+    directory: str | Path,
+    model: DikiCLIP | None = None,
+    device: str | torch.device = "cpu",
+    config: DikiConfig | None = None,
+) -> DikiCLIP:
+    """A model holding exactly the bundle's tasks, in order.
+
+    Pass ``model`` (with no tasks) to reuse an already loaded backbone; otherwise the backbone is
+    loaded from the reference the bundle records.
+    """
+    directory = Path(directory)
+    manifest = read_bundle_manifest(directory)
+    if model is None:
+        bb = manifest.backbone
+        cfg = config or DikiConfig.from_dict(manifest.config)
+        model = create_diki_model(bb["name"], bb.get("pretrained"), cfg, device=device)
+    if model.num_tasks:
+        raise ValueError("load_bundle needs a model without tasks")
+    if manifest.backbone.get("fingerprint") != model.backbone_info.fingerprint:
+        raise ArtifactError(
+            f"{directory}: bundle was built on backbone fingerprint {str(manifest.backbone.get('fingerprint'))[:12]}, "
+            f"the model's is {model.backbone_info.fingerprint[:12]}"
+        )
+    for entry in manifest.tasks:
+        rel = Path(entry["path"])
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ArtifactError(f"{directory}: task path {entry['path']!r} escapes the bundle")
+        meta = read_task_metadata(directory / rel)
+        if meta["name"] != entry["name"]:
+            raise ArtifactError(f"{directory / rel}: holds task {meta['name']!r}, bundle says {entry['name']!r}")
+        load_task(model, directory / rel)
+    return model
+
+
+def extend_bundle(base: str | Path | None, model: DikiCLIP, task: int, directory: str | Path) -> BundleManifest:
+    """Write bundle = ``base`` bundle + task ``task`` of ``model`` (copying the base's task folders)."""
+    out = Path(directory)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if base is not None:
+            manifest = read_bundle_manifest(base)
+            if manifest.backbone.get("fingerprint") != model.backbone_info.fingerprint:
+                raise ArtifactError(f"{base}: base bundle was built on another backbone")
+            for entry in manifest.tasks:
+                shutil.copytree(Path(base) / entry["path"], tmp / entry["path"])
+            tasks = list(manifest.tasks)
+        else:
+            tasks = []
+        name = model.tasks[task].name
+        if name in [t["name"] for t in tasks]:
+            raise ArtifactError(f"the base bundle already holds a task named {name!r}")
+        rel = task_folder_name(len(tasks), name)
+        save_task(model, task, tmp / rel)
+        tasks.append({"name": name, "path": rel, "dataset_fingerprint": model.tasks[task].dataset_fingerprint})
+        new = BundleManifest(
+            backbone=model.backbone_info.to_dict(),
+            config=model.config.to_dict(),
+            tasks=tasks,
+            library_version=library_version(),
+        )
+        (tmp / BUNDLE_FILE).write_text(new.to_json())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return new
