@@ -39,6 +39,14 @@ class Route:
 
     task: int | torch.Tensor
     gate: float | torch.Tensor = 1.0
+    _groups: tuple[list[int], torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def groups(self) -> tuple[list[int], torch.Tensor]:
+        """(distinct task indices, per-sample position in that list); computed once per forward."""
+        if self._groups is None:
+            uniq, inverse = torch.unique(self.task, return_inverse=True)
+            self._groups = ([int(t) for t in uniq.tolist()], inverse)
+        return self._groups
 
 
 @dataclass
@@ -116,7 +124,7 @@ class ResidualKVAttention(nn.Module):
             attn_mask = attn_mask.to(q.dtype)
         frozen = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
-        kr, vr = self._gather(route.task, bsz, q.dtype)  # (B or 1, h, l, dh)
+        kr, vr = self._gather(route, bsz, q.dtype)  # (B or 1, h, l, dh)
         residual = F.scaled_dot_product_attention(q, kr.expand(bsz, -1, -1, -1), vr.expand(bsz, -1, -1, -1))
         gate = route.gate
         if isinstance(gate, torch.Tensor):
@@ -126,15 +134,16 @@ class ResidualKVAttention(nn.Module):
         out = F.linear(out, base.out_proj.weight, base.out_proj.bias)
         return (out if self.batch_first else out.transpose(0, 1)), None
 
-    def _gather(self, task: int | torch.Tensor, bsz: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, route: Route, bsz: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        task = route.task
         if isinstance(task, torch.Tensor) and task.ndim > 0:
             if task.numel() != bsz:
                 raise ValueError(f"route has {task.numel()} task indices for a batch of {bsz}")
-            uniq, inverse = torch.unique(task, return_inverse=True)
-            idx = [int(t) for t in uniq.tolist()]
+            idx, inverse = route.groups()
             self._check(idx)
-            keys = torch.stack([self.keys[i] for i in idx])[inverse.to(self.keys[0].device)]  # (B, l, D)
-            values = torch.stack([self.values[i] for i in idx])[inverse.to(self.values[0].device)]
+            inverse = inverse.to(self.keys[0].device)
+            keys = torch.stack([self.keys[i] for i in idx])[inverse]  # (B, l, D)
+            values = torch.stack([self.values[i] for i in idx])[inverse]
         else:
             t = int(task)
             self._check([t])

@@ -197,14 +197,20 @@ class DikiCLIP(nn.Module):
         finally:
             routes.update(prev)
 
+    def _amp(self) -> contextlib.AbstractContextManager:
+        # bf16 autocast on CUDA (as the performance anchors measure); exact float32 elsewhere.
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def encode_image(self, images: torch.Tensor, route: Route | None = None) -> torch.Tensor:
-        """L2-normalised image features; ``route=None`` is the untouched frozen CLIP."""
-        with self.routing(vision=route):
-            return F.normalize(self.clip.encode_image(images), dim=-1)
+        """L2-normalised image features (float32); ``route=None`` is the untouched frozen CLIP."""
+        with self.routing(vision=route), self._amp():
+            return F.normalize(self.clip.encode_image(images).float(), dim=-1)
 
     def encode_text(self, tokens: torch.Tensor, route: Route | None = None) -> torch.Tensor:
-        with self.routing(text=route):
-            return F.normalize(self.clip.encode_text(tokens), dim=-1)
+        with self.routing(text=route), self._amp():
+            return F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(prompts)).to(self.device)
@@ -265,6 +271,16 @@ class DikiCLIP(nn.Module):
             self._text_cache.popitem(last=False)
         return feats
 
+    @torch.no_grad()
+    def _text_levels(self, prompts: tuple[str, ...], task: int) -> torch.Tensor:
+        """Prompt features of one task at every gate level, (L, C, D); cached."""
+        key = (prompts, task, "table")
+        table = self._text_cache.get(key)
+        if table is None:
+            table = torch.stack([self._text_level(prompts, task, lv) for lv in range(self.config.text_gate_levels)])
+            self._text_cache[key] = table
+        return table
+
     def text_features(self, prompts: Sequence[str], task: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Per-sample text features (B, C, D) at the sample's task and gate (interpolated levels)."""
         prompts = tuple(prompts)
@@ -272,15 +288,14 @@ class DikiCLIP(nn.Module):
         pos = gate.to(torch.float64).clamp(0, 1) * (levels - 1)
         lo = pos.floor().long().clamp(max=levels - 1)
         hi = (lo + 1).clamp(max=levels - 1)
-        frac = (pos - lo).float()
+        frac = (pos - lo).float().to(self.device)[:, None, None]
+        lo, hi = lo.to(self.device), hi.to(self.device)
         out = torch.empty(len(task), len(prompts), self.feature_dim, device=self.device)
-        for i in range(len(task)):
-            t = int(task[i])
-            a = self._text_level(prompts, t, int(lo[i]))
-            if frac[i] > 0:
-                b = self._text_level(prompts, t, int(hi[i]))
-                a = F.normalize((1 - frac[i]) * a + frac[i] * b, dim=-1)
-            out[i] = a
+        for t in torch.unique(task).tolist():
+            rows = (task == t).nonzero().flatten().to(self.device)
+            table = self._text_levels(prompts, int(t))  # (L, C, D)
+            mixed = (1 - frac[rows]) * table[lo[rows]] + frac[rows] * table[hi[rows]]
+            out[rows] = F.normalize(mixed, dim=-1)
         return out
 
     # ----------------------------------------------------------------------------- predict

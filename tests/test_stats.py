@@ -108,3 +108,26 @@ def test_score_stats_merge():
     a = ScoreStats().update(s[:30]).merge(ScoreStats().update(s[30:]))
     assert a.mean == pytest.approx(float(s.mean()))
     assert a.std == pytest.approx(float(s.std()))
+
+
+def test_tf32_split_is_exact_and_hi_has_ten_mantissa_bits():
+    from diki_model.stats import split_tf32
+
+    t = torch.randn(1000, dtype=torch.float32)
+    hi, lo = split_tf32(t)
+    assert torch.equal(hi + lo, t)
+    assert ((hi.view(torch.int32) & 0x1FFF) == 0).all()
+    assert (lo.abs() <= t.abs() * 2**-10).all()
+
+
+def test_three_product_whitening_matches_float64_on_cpu():
+    """The 3xTF32 path (used on CUDA) computed here in float32 arithmetic: same result as float64."""
+    from diki_model.stats import _whiten_3xtf32_impl, split_tf32
+
+    d = 32
+    gaussians = [GaussianAccumulator(d).update(unit_features(100, d, seed=s)).finalize() for s in range(3)]
+    scorer = GaussianScorer(gaussians)
+    x = unit_features(7, d, seed=5).float()
+    z = _whiten_3xtf32_impl(*split_tf32(scorer.w), *split_tf32(x))
+    ref = torch.einsum("tij,nj->tni", scorer.w.double(), x.double())
+    torch.testing.assert_close(z.double(), ref, rtol=1e-5, atol=1e-4)
