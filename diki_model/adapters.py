@@ -26,6 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 TOWERS = ("vision", "text")
+# "residual": DIKI's separate-softmax branch. "prefix": the same tokens prepended to the frozen keys
+# and values inside one softmax (prefix tuning / L2P-style prompting), kept as a baseline: it is
+# the interference DIKI removes, since the prompts then reshape the frozen attention itself.
+BRANCH_MODES = ("residual", "prefix")
 
 
 @dataclass
@@ -59,8 +63,18 @@ class RoutingState:
 class ResidualKVAttention(nn.Module):
     """Drop-in replacement for a self-attention ``nn.MultiheadAttention`` with a task pool."""
 
-    def __init__(self, base_layer: nn.MultiheadAttention, tower: str, prompt_length: int, state: RoutingState) -> None:
+    def __init__(
+        self,
+        base_layer: nn.MultiheadAttention,
+        tower: str,
+        prompt_length: int,
+        state: RoutingState,
+        mode: str = "residual",
+    ) -> None:
         super().__init__()
+        if mode not in BRANCH_MODES:
+            raise ValueError(f"unknown branch mode {mode!r}; choose one of {BRANCH_MODES}")
+        self.mode = mode
         if not isinstance(base_layer, nn.MultiheadAttention):
             raise TypeError(f"expected nn.MultiheadAttention, got {type(base_layer).__name__}")
         if not base_layer._qkv_same_embed_dim or base_layer.in_proj_weight is None:
@@ -122,9 +136,14 @@ class ResidualKVAttention(nn.Module):
             attn_mask = ~attn_mask  # nn.MultiheadAttention: True = masked; SDPA: True = attend
         elif attn_mask is not None:
             attn_mask = attn_mask.to(q.dtype)
+        kr, vr = self._gather(route, bsz, q.dtype)  # (B or 1, h, l, dh)
+        if self.mode == "prefix":
+            out = self._prefix_attention(q, k, v, kr, vr, attn_mask)
+            out = out.transpose(1, 2).reshape(bsz, n_tok, dim)
+            out = F.linear(out, base.out_proj.weight, base.out_proj.bias)
+            return (out if self.batch_first else out.transpose(0, 1)), None
         frozen = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
-        kr, vr = self._gather(route, bsz, q.dtype)  # (B or 1, h, l, dh)
         residual = F.scaled_dot_product_attention(q, kr.expand(bsz, -1, -1, -1), vr.expand(bsz, -1, -1, -1))
         gate = route.gate
         if isinstance(gate, torch.Tensor):
@@ -133,6 +152,16 @@ class ResidualKVAttention(nn.Module):
         out = out.transpose(1, 2).reshape(bsz, n_tok, dim)
         out = F.linear(out, base.out_proj.weight, base.out_proj.bias)
         return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def _prefix_attention(self, q, k, v, kr, vr, attn_mask):
+        bsz = q.shape[0]
+        k_all = torch.cat([k, kr.expand(bsz, -1, -1, -1)], dim=2)
+        v_all = torch.cat([v, vr.expand(bsz, -1, -1, -1)], dim=2)
+        if attn_mask is not None:
+            # Every token may attend to the prompts: pad the mask's key axis.
+            fill = True if attn_mask.dtype == torch.bool else 0.0
+            attn_mask = F.pad(attn_mask, (0, self.prompt_length), value=fill)
+        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask)
 
     def _gather(self, route: Route, bsz: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         task = route.task
@@ -199,6 +228,7 @@ def inject_residual_kv(
     vision_layers: tuple[int, ...] | None = None,
     text_layers: tuple[int, ...] | None = None,
     default_layer_count: int = 8,
+    mode: str = "residual",
 ) -> tuple[RoutingState, dict[str, dict[int, ResidualKVAttention]]]:
     """Replace the attention of the chosen blocks of both towers in place; freeze the base.
 
@@ -223,7 +253,7 @@ def inject_residual_kv(
                     f"{tower} block {i} has an unsupported attention ({type(attn).__name__}); "
                     "expected open_clip's ResidualAttentionBlock with nn.MultiheadAttention"
                 )
-            wrapped = ResidualKVAttention(attn, tower, prompt_length, state)
+            wrapped = ResidualKVAttention(attn, tower, prompt_length, state, mode)
             block.attn = wrapped
             injected[tower][i] = wrapped
     return state, injected

@@ -18,6 +18,8 @@ class DikiConfig:
     vision_layers: tuple[int, ...] | None = None
     text_layers: tuple[int, ...] | None = None
     default_layer_count: int = 8
+    # "residual" (DIKI) or "prefix" (prompts joined to the frozen keys in one softmax; a baseline).
+    branch: str = "residual"
     # Gate calibration ("standardized" holds across feature sizes; "paper" is sigmoid(S/512 - 1)).
     gate: str = "standardized"
     gate_params: dict[str, float] = field(default_factory=dict)
@@ -42,6 +44,8 @@ class DikiConfig:
             raise ValueError(f"unknown gate {self.gate!r}; choose one of {GATE_NAMES}")
         if self.shrinkage not in SHRINKAGE_METHODS:
             raise ValueError(f"unknown shrinkage {self.shrinkage!r}; choose one of {SHRINKAGE_METHODS}")
+        if self.branch not in ("residual", "prefix"):
+            raise ValueError(f"branch must be 'residual' or 'prefix', got {self.branch!r}")
         if self.routing not in ("sample", "batch"):
             raise ValueError(f"routing must be 'sample' or 'batch', got {self.routing!r}")
         if self.text_gate_levels < 2:

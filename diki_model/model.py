@@ -82,6 +82,7 @@ class DikiCLIP(nn.Module):
             self.config.vision_layers,
             self.config.text_layers,
             self.config.default_layer_count,
+            self.config.branch,
         )
         self.vision_layers = tuple(injected["vision"])
         self.text_layers = tuple(injected["text"])
@@ -110,6 +111,11 @@ class DikiCLIP(nn.Module):
             blocks = self.clip.visual.transformer.resblocks if tower == "vision" else self.clip.transformer.resblocks
             for i in layers:
                 yield tower, i, blocks[i].attn
+
+    def set_gate(self, name: str, **params: float) -> None:
+        """Switch the gate calibration (the statistics it needs are already in every task)."""
+        self.gate_fn = make_gate(name, **params)
+        self.config.gate, self.config.gate_params = name, dict(params)
 
     def task_index(self, name: str) -> int:
         for i, t in enumerate(self.tasks):
@@ -305,20 +311,29 @@ class DikiCLIP(nn.Module):
         images: torch.Tensor,
         labels: Sequence[str] | None = None,
         template: str = DEFAULT_TEMPLATE,
-        task: int | str | None = None,
+        task: int | str | torch.Tensor | None = None,
         gate: float | None = None,
         top_k: int = 5,
+        frozen_features: torch.Tensor | None = None,
     ) -> Prediction:
         """Classify preprocessed images (B, 3, H, W).
 
         Label space: ``labels`` (open vocabulary, formatted with ``template``), else the classes of
-        ``task`` (forced), else the classes of each image's routed task. ``gate`` overrides the
-        calibrated gate for every image (1.0 with a forced task = the true-task upper bound).
+        ``task`` (forced; a name, an index, or one index per image), else the classes of each
+        image's routed task. ``gate`` overrides the calibrated gate for every image (1.0 with a
+        forced task = the true-task upper bound). ``frozen_features`` (the images' frozen,
+        normalised features) skips the first pass when the caller already has them.
         """
         images = images.to(self.device)
         bsz = images.shape[0]
-        frozen = self.encode_image(images)
-        if task is not None:
+        frozen = self.encode_image(images) if frozen_features is None else frozen_features.to(self.device)
+        if isinstance(task, torch.Tensor):
+            task_vec = task.to(torch.long).cpu()
+            if task_vec.shape != (bsz,) or task_vec.min() < 0 or task_vec.max() >= self.num_tasks:
+                raise ValueError(f"per-image tasks must be {bsz} indices in [0, {self.num_tasks})")
+            gate_vec = torch.full((bsz,), 1.0 if gate is None else float(gate), dtype=torch.float64)
+            scores = None
+        elif task is not None:
             t_idx = self.task_index(task) if isinstance(task, str) else int(task)
             if not 0 <= t_idx < self.num_tasks:
                 raise IndexError(f"task {t_idx} out of range: the model holds {self.num_tasks} tasks")
@@ -335,6 +350,7 @@ class DikiCLIP(nn.Module):
                 raise ValueError("no task has been learned yet: pass `labels` to classify zero-shot")
         if self.config.routing == "batch" and task is None and self.num_tasks:
             task_vec = torch.full((bsz,), int(torch.mode(task_vec).values), dtype=torch.long)
+        task_vec = task_vec.clone()
 
         active = (gate_vec >= self.config.ood_threshold) & (task_vec >= 0)
         feats = frozen.clone()

@@ -137,3 +137,21 @@ def test_wrapper_requires_self_attention():
     cross = nn.MultiheadAttention(8, 2, kdim=4, vdim=4, batch_first=True)
     with pytest.raises(TypeError, match="packed in_proj"):
         ResidualKVAttention(cross, "vision", 4, None)
+
+
+def test_prefix_branch_is_one_softmax_and_interferes_even_at_zero_values():
+    """The prompt-prepending baseline: zero V still changes the output (it dilutes attention)."""
+    ref = load_backbone("diki-test-tiny", seed=0).model
+    model = copy.deepcopy(ref)
+    state, injected = inject_residual_kv(model, prompt_length=4, mode="prefix")
+    for layers in injected.values():
+        for layer in layers.values():
+            layer.add_task(torch.Generator().manual_seed(1))
+    images, tokens = inputs(ref)
+    with torch.no_grad():
+        state.routes["vision"] = Route(task=0, gate=1.0)
+        state.routes["text"] = Route(task=0, gate=1.0)
+        assert (model.encode_image(images) - ref.encode_image(images)).abs().max() > 1e-4
+        assert (model.encode_text(tokens) - ref.encode_text(tokens)).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="unknown branch mode"):
+        ResidualKVAttention(nn.MultiheadAttention(8, 2, batch_first=True), "vision", 4, None, mode="nope")

@@ -1,0 +1,1 @@
+"""Continual-learning benchmarks: the offline task stream and the paper's MTIL protocol."""
