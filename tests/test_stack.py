@@ -1,0 +1,289 @@
+"""The local stack: service specs, port checks, and (slow) the whole stack up, used, down, up again, down."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from services.settings import STANDARD_ENV, Settings
+from services.stack import ServiceSpec, Stack, StackContext, StackError, port_is_free, weed_mini_command
+from services.storage import open_storage
+from tests.conftest import free_ports
+
+PORT_NAMES = [
+    "s3",
+    "s3_grpc",
+    "master",
+    "master_grpc",
+    "volume",
+    "volume_grpc",
+    "filer",
+    "filer_grpc",
+    "admin",
+    "admin_grpc",
+    "mlflow",
+    "prefect",
+    "ray",
+    "ray_dashboard",
+    "ray_client",
+    "ray_dashboard_agent",
+]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("DIKI_") or name in STANDARD_ENV:
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def stack_settings(tmp_path: Path, **overrides: object) -> Settings:
+    ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True))
+    return Settings.load(
+        home=tmp_path / ".diki",
+        stack={"ports": ports, "start_timeout_s": 90, "stop_timeout_s": 40},
+        ray={"num_cpus": 2},
+        **overrides,
+    )
+
+
+def web_hook(port: int) -> object:
+    """A factory for a tiny extra service: how other components join the stack."""
+
+    def factory(ctx: StackContext) -> ServiceSpec:
+        return ServiceSpec(
+            name="web",
+            command=[sys.executable, "-m", "http.server", str(port), "--bind", ctx.host],
+            port=port,
+            health_url=f"http://{ctx.host}:{port}/",
+            url=f"http://{ctx.host}:{port}",
+            wait_for=("s3",),
+            stop_timeout_s=10,
+        )
+
+    return factory
+
+
+# -- fast -------------------------------------------------------------------------------------------
+
+
+def test_service_spec_is_validated() -> None:
+    ok = {"command": ["x"], "health_url": "http://127.0.0.1:1/"}
+    ServiceSpec(name="web-2", **ok)
+    with pytest.raises(ValueError, match="service name"):
+        ServiceSpec(name="Bad Name", **ok)
+    with pytest.raises(ValueError, match="empty command"):
+        ServiceSpec(name="a", command=[], health_url="http://127.0.0.1:1/")
+    with pytest.raises(ValueError, match="health_url or a health_check"):
+        ServiceSpec(name="a", command=["x"])
+    with pytest.raises(ValueError, match="not a TCP port"):
+        ServiceSpec(name="a", port=70000, **ok)
+
+
+def test_core_services_and_hooks(tmp_path: Path) -> None:
+    secret = "stack-secret-" + uuid.uuid4().hex
+    settings = stack_settings(tmp_path, s3={"access_key_id": "AKIATEST", "secret_access_key": secret})
+    port = free_ports(1)[0]
+    specs = Stack(settings, extra_services=[web_hook(port)]).services()
+    assert [s.name for s in specs] == ["s3", "mlflow", "prefect", "ray", "web"]
+    by_name = {s.name: s for s in specs}
+    ports = settings.stack.ports
+    assert by_name["mlflow"].url == f"http://127.0.0.1:{ports.mlflow}"
+    assert by_name["prefect"].health_url == f"http://127.0.0.1:{ports.prefect}/api/health"
+    assert by_name["ray"].url == f"http://127.0.0.1:{ports.ray_dashboard}"
+    assert by_name["ray"].env["RAY_AUTH_MODE"] == "disabled"
+    # Secrets travel in the environment, never on a command line.
+    assert all(secret not in " ".join(spec.command) for spec in specs)
+    assert by_name["s3"].env["AWS_SECRET_ACCESS_KEY"] == secret
+    assert by_name["mlflow"].env["AWS_SECRET_ACCESS_KEY"] == secret
+    assert by_name["mlflow"].env["MLFLOW_BACKEND_STORE_URI"].startswith("sqlite:///")
+    assert not (tmp_path / ".diki").exists(), "listing services creates nothing"
+
+
+def test_duplicate_names_and_ports_are_refused(tmp_path: Path) -> None:
+    settings = stack_settings(tmp_path)
+    clash = settings.stack.ports.mlflow
+
+    def twin(ctx: StackContext) -> ServiceSpec:
+        return ServiceSpec(name="web", command=["x"], port=clash, health_url="http://127.0.0.1:1/")
+
+    with pytest.raises(StackError, match="both use port"):
+        Stack(settings, extra_services=[twin]).services()
+    with pytest.raises(StackError, match="cannot be loaded"):
+        Stack(Settings.load(stack={"extra_services": ["no_such_module:factory"]})).services()
+
+
+def test_weed_command_names_every_port_and_no_credentials(tmp_path: Path) -> None:
+    settings = stack_settings(tmp_path)
+    command = " ".join(weed_mini_command("weed", tmp_path, settings.stack.ports, ["diki"]))
+    for name in PORT_NAMES[:10]:
+        assert str(getattr(settings.stack.ports, name)) in command
+    assert "-ip.bind=127.0.0.1" in command and "-bucket=diki" in command
+    assert "AWS" not in command
+
+
+def test_up_refuses_busy_ports_and_down_on_nothing(tmp_path: Path) -> None:
+    settings = stack_settings(tmp_path)
+    stack = Stack(settings)
+    assert stack.down() == []
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", settings.stack.ports.prefect))
+        busy.listen()
+        assert not port_is_free(settings.stack.ports.prefect)
+        with pytest.raises(StackError, match=rf"{settings.stack.ports.prefect} \(prefect\).*DIKI_STACK__PORTS__"):
+            stack.up()
+    assert list((stack.run_dir).glob("*.pid")) == [], "nothing was started"
+    statuses = stack.status()
+    assert [s.running for s in statuses] == [False] * 4
+
+
+# -- slow: the real services -----------------------------------------------------------------------
+
+
+def _ray_connects(address: str) -> float:
+    code = "import sys, ray; ray.init(address=sys.argv[1], log_to_driver=False); print(ray.cluster_resources()['CPU'])"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, address], env=env, capture_output=True, text=True, timeout=90, check=True
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _mlflow(base: str, method: str, path: str, **kwargs: object) -> dict:
+    response = httpx.request(method, f"{base}/api/2.0/mlflow{path}", timeout=30, **kwargs)  # type: ignore[arg-type]
+    assert response.is_success, response.text
+    return response.json() if response.content else {}
+
+
+@pytest.fixture
+def ray_temp_dir() -> Iterator[Path]:
+    """A short folder for Ray's sessions (socket paths must stay under ~100 bytes), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="dr-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_stack_lifecycle(tmp_path: Path, ray_temp_dir: Path) -> None:
+    web_port = free_ports(1)[0]
+    settings = stack_settings(tmp_path)
+    settings.stack.ray_temp_dir = ray_temp_dir
+    ports = settings.stack.ports
+    stack = Stack(settings, extra_services=[web_hook(web_port)])
+    timings: dict[str, float] = {}
+    try:
+        t0 = time.monotonic()
+        result = stack.up()
+        timings["up"] = time.monotonic() - t0
+        assert result.started == ["s3", "mlflow", "prefect", "ray", "web"]
+
+        statuses = stack.status()
+        assert all(s.running and s.healthy for s in statuses), statuses
+        assert httpx.get(f"http://127.0.0.1:{ports.s3}/healthz", timeout=5).is_success
+        assert httpx.get(f"http://127.0.0.1:{ports.mlflow}/health", timeout=5).text.strip() == "OK"
+        assert httpx.get(f"http://127.0.0.1:{ports.prefect}/api/health", timeout=5).json() is True
+        assert httpx.get(f"http://127.0.0.1:{ports.ray_dashboard}/api/gcs_healthz", timeout=5).is_success
+
+        # The env file points a client at the stack, readable by the owner only.
+        env = stack.client_env()
+        assert stat.S_IMODE(result.env_file.stat().st_mode) == 0o600
+        client = Settings.load(
+            storage={"root": env["DIKI_STORAGE__ROOT"]},
+            s3={
+                "endpoint_url": env["AWS_ENDPOINT_URL"],
+                "access_key_id": env["AWS_ACCESS_KEY_ID"],
+                "secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+            },
+        )
+        storage = open_storage(client)
+        probe = uuid.uuid4().hex.encode()
+        storage.write_bytes("probe/object.txt", probe)
+        assert storage.read_bytes("probe/object.txt") == probe
+
+        # MLflow through the server, artifacts proxied into the S3 bucket.
+        mlflow = f"http://127.0.0.1:{ports.mlflow}"
+        experiment_id = _mlflow(mlflow, "POST", "/experiments/create", json={"name": "stack-test"})["experiment_id"]
+        run = _mlflow(mlflow, "POST", "/runs/create", json={"experiment_id": experiment_id})["run"]["info"]
+        run_path = run["artifact_uri"].removeprefix("mlflow-artifacts:/").strip("/")
+        put = httpx.put(f"{mlflow}/api/2.0/mlflow-artifacts/artifacts/{run_path}/hello.txt", content=b"hi", timeout=30)
+        assert put.is_success, put.text
+        artifacts = open_storage(
+            client.model_copy(update={"storage": client.storage.model_copy(update={"root": "s3://diki"})})
+        )
+        assert artifacts.read_bytes(f"mlartifacts/{run_path}/hello.txt") == b"hi"
+
+        assert _ray_connects(env["RAY_ADDRESS"]) == 2.0
+
+        again = stack.up()
+        assert again.was_already_up and again.already_running == sorted(["s3", "mlflow", "prefect", "ray", "web"])
+
+        # No secret reaches the logs.
+        for log in stack.logs_dir.glob("*.log"):
+            assert env["AWS_SECRET_ACCESS_KEY"] not in log.read_text(errors="replace"), log
+
+        t0 = time.monotonic()
+        stopped = stack.down()
+        timings["down"] = time.monotonic() - t0
+        assert stopped == ["web", "ray", "prefect", "mlflow", "s3"]
+        assert all(port_is_free(getattr(ports, name)) for name in PORT_NAMES)
+        assert port_is_free(web_port)
+        assert list(stack.run_dir.glob("*.pid")) == []
+        assert not any(s.running for s in stack.status())
+
+        # A second `up` reuses the data (and the generated credentials).
+        t0 = time.monotonic()
+        assert Stack(settings).up().started == ["s3", "mlflow", "prefect", "ray"]
+        timings["up again"] = time.monotonic() - t0
+        assert open_storage(client).read_bytes("probe/object.txt") == probe
+        found = _mlflow(mlflow, "GET", "/experiments/get-by-name", params={"experiment_name": "stack-test"})
+        assert found["experiment"]["experiment_id"] == experiment_id
+
+        # The CLI shows the same stack.
+        from pipelines.cli import app
+
+        cli_env = {"DIKI_HOME": str(tmp_path / ".diki"), "DIKI_STACK__RAY_TEMP_DIR": str(ray_temp_dir)}
+        cli_env.update({f"DIKI_STACK__PORTS__{name.upper()}": str(getattr(ports, name)) for name in PORT_NAMES})
+        shown = CliRunner().invoke(app, ["stack", "status"], env=cli_env, catch_exceptions=False)
+        assert shown.exit_code == 0
+        assert shown.output.count("healthy") == 4, shown.output
+    finally:
+        t0 = time.monotonic()
+        Stack(settings, extra_services=[web_hook(web_port)]).down()
+        timings["down again"] = time.monotonic() - t0
+        print("stack timings (s):", {k: round(v, 1) for k, v in timings.items()})
+    assert all(port_is_free(getattr(ports, name)) for name in PORT_NAMES)
+
+
+@pytest.mark.slow
+def test_failed_start_rolls_back(tmp_path: Path, ray_temp_dir: Path) -> None:
+    settings = stack_settings(tmp_path)
+    settings.stack.ray_temp_dir = ray_temp_dir
+    port = free_ports(1)[0]
+
+    def broken(ctx: StackContext) -> ServiceSpec:
+        return ServiceSpec(
+            name="broken",
+            command=[sys.executable, "-c", "import sys; print('cannot start: bad config'); sys.exit(3)"],
+            port=port,
+            health_url=f"http://127.0.0.1:{port}/",
+        )
+
+    stack = Stack(settings, extra_services=[broken])
+    with pytest.raises(StackError, match=r"(?s)broken exited during start.*cannot start: bad config"):
+        stack.up()
+    assert list(stack.run_dir.glob("*.pid")) == []
+    assert all(port_is_free(getattr(settings.stack.ports, name)) for name in PORT_NAMES)
