@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from diki_model.config import DikiConfig
@@ -44,7 +44,6 @@ from diki_model.train import (
     collect_statistics,
     num_batches,
     split_train_val,
-    tensor_batches,
     train_task,
 )
 
@@ -106,20 +105,42 @@ class MethodResult:
         }
 
 
-def tensors_of(ds: Dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(ds, TensorDataset):
-        x, y = ds.tensors[0], ds.tensors[1]
-        return (x[:limit], y[:limit]) if limit else (x, y)
-    n = len(ds) if limit is None else min(limit, len(ds))
-    items = [ds[i] for i in range(n)]
-    return torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items])
+class Split:
+    """A dataset split as batches: in-memory tensors when small, a DataLoader stream when large."""
+
+    def __init__(self, ds: Dataset, limit: int | None = None, workers: int = 0) -> None:
+        self.workers = workers
+        if isinstance(ds, TensorDataset):
+            x, y = ds.tensors[0], ds.tensors[1]
+            self.x, self.y, self.ds = (x[:limit], y[:limit], None) if limit else (x, y, None)
+        else:
+            n = len(ds) if limit is None else min(limit, len(ds))
+            self.x = self.y = None
+            self.ds = ds if n == len(ds) else Subset(ds, range(n))
+
+    def __len__(self) -> int:
+        return len(self.x) if self.x is not None else len(self.ds)
+
+    def batches(
+        self, batch_size: int, indices: torch.Tensor | None = None, shuffle: bool = False, seed: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = torch.arange(len(self)) if indices is None else indices
+        if shuffle:
+            idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))]
+        if self.x is not None:
+            for i in range(0, len(idx), batch_size):
+                j = idx[i : i + batch_size]
+                yield self.x[j], self.y[j]
+            return
+        loader = DataLoader(Subset(self.ds, idx.tolist()), batch_size=batch_size, num_workers=self.workers)
+        for x, y in loader:
+            yield x, torch.as_tensor(y, dtype=torch.long)
 
 
 @dataclass
 class _EvalSet:
     data: TaskData
-    images: torch.Tensor
-    labels: torch.Tensor
+    split: Split
     frozen: torch.Tensor  # frozen features of the shared backbone
 
 
@@ -141,6 +162,7 @@ class StreamBenchmark:
         batch_size: int = 256,
         finetune_lr: float = 1e-4,
         seed: int = 0,
+        workers: int = 0,
         progress: bool = True,
         log: Callable[[str], None] = print,
     ) -> None:
@@ -162,7 +184,7 @@ class StreamBenchmark:
         self.config = config or DikiConfig()
         self.device = device
         self.train_limit, self.test_limit, self.batch_size = train_limit, test_limit, batch_size
-        self.finetune_lr, self.seed = finetune_lr, seed
+        self.finetune_lr, self.seed, self.workers = finetune_lr, seed, workers
         self.progress, self.log = progress, log
 
     # ------------------------------------------------------------------------------- setup
@@ -174,21 +196,21 @@ class StreamBenchmark:
 
     def _load(self, model: DikiCLIP) -> None:
         t0 = time.perf_counter()
-        self.train_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.train_sets: dict[str, Split] = {}
         for t in self.stream:
-            self.train_sets[t.name] = tensors_of(t.train(model.preprocess), self.train_limit)
+            self.train_sets[t.name] = Split(t.train(model.preprocess), self.train_limit, self.workers)
         self.eval_sets: list[_EvalSet] = []
         for e in tqdm(self.evals, desc="frozen features", disable=not self.progress, leave=False):
-            x, y = tensors_of(e.test(model.preprocess), self.test_limit)
-            self.eval_sets.append(_EvalSet(e, x, y, self._frozen(model, x)))
+            split = Split(e.test(model.preprocess), self.test_limit, self.workers)
+            self.eval_sets.append(_EvalSet(e, split, self._frozen(model, split)))
         self.log(
             f"loaded {len(self.stream)} stream tasks, {len(self.eval_sets)} evaluation sets "
             f"in {time.perf_counter() - t0:.1f}s"
         )
 
     @torch.no_grad()
-    def _frozen(self, model: DikiCLIP, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([model.encode_image(x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
+    def _frozen(self, model: DikiCLIP, split: Split) -> torch.Tensor:
+        return torch.cat([model.encode_image(x.to(model.device)).cpu() for x, _ in split.batches(self.batch_size)])
 
     # ----------------------------------------------------------------------------- running
     def run(self) -> dict[str, MethodResult]:
@@ -216,23 +238,19 @@ class StreamBenchmark:
         )
 
     def _accuracy(self, model: DikiCLIP, ev: _EvalSet, frozen: torch.Tensor | None = None, **kw: Any):
-        correct, gates, tasks = 0, [], []
+        correct, gates, tasks, start = 0, [], [], 0
         frozen = ev.frozen if frozen is None else frozen
-        for i in range(0, len(ev.images), self.batch_size):
-            sl = slice(i, i + self.batch_size)
+        for x, y in ev.split.batches(self.batch_size):
+            sl = slice(start, start + len(y))
+            start += len(y)
             extra = {k: (v[sl] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
             p = model.predict(
-                ev.images[sl],
-                labels=ev.data.classes,
-                template=ev.data.template,
-                top_k=1,
-                frozen_features=frozen[sl],
-                **extra,
+                x, labels=ev.data.classes, template=ev.data.template, top_k=1, frozen_features=frozen[sl], **extra
             )
-            correct += int((p.label_index == ev.labels[sl]).sum())
+            correct += int((p.label_index == y).sum())
             gates.append(p.gate)
             tasks.append(p.task_index)
-        return 100.0 * correct / len(ev.images), torch.cat(gates), torch.cat(tasks)
+        return 100.0 * correct / max(start, 1), torch.cat(gates), torch.cat(tasks)
 
     def _run_zero_shot(self, model: DikiCLIP) -> MethodResult:
         res = self._new_result("zero-shot")
@@ -244,29 +262,26 @@ class StreamBenchmark:
 
     def _train(self, model: DikiCLIP, step: int) -> float:
         t = self.stream[step]
-        x, y = self.train_sets[t.name]
+        data = self.train_sets[t.name]
         cfg = self.train_cfg
         task = model.add_task(t.name, t.classes, t.template, seed=cfg.seed)
         t0 = time.perf_counter()
-        stats = collect_statistics(
-            model, ((x[i : i + self.batch_size], None) for i in range(0, len(x), self.batch_size))
-        )
-        apply_statistics(model, task, stats)
-        tr, va = split_train_val(len(x), cfg.val_fraction, cfg.seed)
-        val = None
-        if len(va):
-            vsrc = tensor_batches(x[va], y[va], self.batch_size, shuffle=False)
+        apply_statistics(model, task, collect_statistics(model, data.batches(self.batch_size)))
+        tr, va = split_train_val(len(data), cfg.val_fraction, cfg.seed)
 
-            def val():
-                return vsrc(0)
+        def train_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            return data.batches(cfg.batch_size, tr, shuffle=True, seed=cfg.seed * 10_007 + epoch)
+
+        def val() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            return data.batches(self.batch_size, va)
 
         train_task(
             model,
             task,
-            tensor_batches(x[tr], y[tr], cfg.batch_size, seed=cfg.seed),
+            train_batches,
             num_batches(len(tr), cfg.batch_size),
             cfg,
-            val,
+            val if len(va) else None,
             progress=self.progress,
         )
         return time.perf_counter() - t0
@@ -326,8 +341,7 @@ class StreamBenchmark:
         for step in range(len(self.stream)):
             self.log(f"[prefix] step {step + 1}/{len(self.stream)}: learning {self.stream[step].name}")
             res.train_seconds += self._train(model, step)
-            x, _ = self.train_sets[self.stream[step].name]
-            keys.append(F.normalize(self._frozen(model, x).mean(0), dim=0))
+            keys.append(F.normalize(self._frozen(model, self.train_sets[self.stream[step].name]).mean(0), dim=0))
             key_mat = torch.stack(keys)
             t0 = time.perf_counter()
             ok, n = 0, 0
@@ -358,22 +372,19 @@ class StreamBenchmark:
         cfg = self.train_cfg
         for step, t in enumerate(self.stream):
             self.log(f"[finetune] step {step + 1}/{len(self.stream)}: learning {t.name}")
-            x, y = self.train_sets[t.name]
+            data = self.train_sets[t.name]
             t0 = time.perf_counter()
             for p in params:
                 p.requires_grad_(True)
             opt = torch.optim.AdamW(params, lr=self.finetune_lr, weight_decay=0.0)
             tokens = model.tokenize([t.template.format(c) for c in t.classes])
-            g = torch.Generator().manual_seed(cfg.seed + step)
-            steps = cfg.epochs * num_batches(len(x), cfg.batch_size)
+            steps = cfg.epochs * num_batches(len(data), cfg.batch_size)
             bar = tqdm(total=steps, desc=f"finetune {t.name}", disable=not self.progress, leave=False)
-            for _ in range(cfg.epochs):
-                order = torch.randperm(len(x), generator=g)
-                for i in range(0, len(x), cfg.batch_size):
-                    idx = order[i : i + cfg.batch_size]
-                    img = F.normalize(clip.encode_image(x[idx].to(model.device)), dim=-1)
+            for epoch in range(cfg.epochs):
+                for x, y in data.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 10_007 + step * 101 + epoch):
+                    img = F.normalize(clip.encode_image(x.to(model.device)), dim=-1)
                     txt = F.normalize(clip.encode_text(tokens), dim=-1)
-                    loss = F.cross_entropy(model.logit_scale * img @ txt.T, y[idx].to(model.device))
+                    loss = F.cross_entropy(model.logit_scale * img @ txt.T, y.to(model.device))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -385,7 +396,7 @@ class StreamBenchmark:
             res.train_seconds += time.perf_counter() - t0
             t0 = time.perf_counter()
             for col, ev in enumerate(self.eval_sets):
-                frozen = self._frozen(model, ev.images)  # the backbone itself has changed
+                frozen = self._frozen(model, ev.split)  # the backbone itself has changed
                 res.acc[step + 1, col] = self._accuracy(model, ev, frozen=frozen)[0]
             res.eval_seconds += time.perf_counter() - t0
         return res

@@ -85,3 +85,46 @@ def stream(
     paths = write_report(results, out, meta)
     _print_results(results, out, paths)
     typer.echo(f"finished in {meta['seconds']:.0f}s")
+
+
+@bench_app.command("mtil")
+def mtil(
+    data_root: Path = typer.Option(..., help="Folder holding the 11 MTIL datasets (see docs/mtil.md)."),
+    order: str = typer.Option("I", help="MTIL order: I (alphabetical) or II."),
+    shots: int | None = typer.Option(None, help="Few-shot: images per class (16 as DIKI, 5 as MoE-Adapters)."),
+    out: Path = typer.Option(Path(".diki/bench/mtil"), help="Where results, heatmaps and the table go."),
+    methods: str = typer.Option("zero-shot,diki,diki-paper,true-task"),
+    backbone: str = typer.Option("ViT-B-16"),
+    pretrained: str | None = typer.Option("openai", help="open_clip pretrained tag or weights path."),
+    epochs: int = typer.Option(10),
+    batch_size: int = typer.Option(128),
+    lr: float = typer.Option(5.0),
+    workers: int = typer.Option(4, help="DataLoader workers."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cuda", help="cpu or cuda"),
+) -> None:
+    """The paper's MTIL protocol (11 datasets, orders I/II, full- or few-shot) on real data."""
+    from diki_model import TrainConfig
+    from diki_model.bench.mtil import mtil_tasks
+    from diki_model.bench.report import write_report
+    from diki_model.bench.stream import StreamBenchmark
+
+    t0 = time.perf_counter()
+    tasks = mtil_tasks(data_root, order=order, shots=shots, seed=seed)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    bench = StreamBenchmark(
+        backbone, pretrained, tasks, [], method_list, cfg, device=device, seed=seed, workers=workers, log=typer.echo
+    )
+    results = bench.run()
+    meta = {
+        "protocol": "MTIL",
+        "order": order,
+        "shots": shots,
+        "backbone": backbone,
+        "pretrained": pretrained,
+        "train_config": cfg.to_dict(),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    paths = write_report(results, out, meta)
+    _print_results(results, out, paths)
