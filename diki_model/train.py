@@ -65,7 +65,7 @@ class TrainState:
     adapter: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
-    best_val: float = -1.0
+    best_val: float = float("-inf")
     best_epoch: int = -1
     best_adapter: dict[str, torch.Tensor] | None = None
     history: list[EpochResult] = field(default_factory=list)

@@ -1,0 +1,626 @@
+"""The one place that talks to MLflow: experiment tracking, the model registry, and the promotion gate.
+
+Layout in MLflow:
+
+- Experiment ``settings.mlflow.experiment_name``: one run per learned task, with the training
+  parameters, per-epoch metrics, the accuracy matrix (``evaluation/accuracy_matrix.json``), its
+  heatmap, Transfer / Average / Last, and the bundle folder itself (``bundle/``).
+- Registered model ``settings.mlflow.registry_model_name`` (default ``diki``): version N is a bundle
+  (its source is the run's ``bundle/`` artifact folder), version tags name its ordered tasks and
+  their dataset fingerprints. A new version holds exactly one task more than the version it
+  extends (its ``base_version`` tag).
+- Aliases ``candidate`` (the newest version that was gated) and ``production`` (what is served).
+  Every alias move is recorded in a registered-model tag ``<alias>_history`` (JSON list), which
+  ``rollback`` walks back.
+
+Registration is all-or-nothing: when any step after creating the version fails, the version is
+deleted again. An alias is moved in one call, and put back if recording its history fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from diki_model import read_bundle_manifest
+from services.evaluation import AccuracyMatrix
+from services.settings import PromotionSettings, Settings
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from services.training import TrainJobResult
+
+__all__ = [
+    "ALIASES",
+    "GateDecision",
+    "Registry",
+    "RegistryError",
+    "VersionInfo",
+    "code_version",
+    "promotion_gate",
+]
+
+ALIASES = ("candidate", "production")
+BUNDLE_ARTIFACT = "bundle"
+MATRIX_ARTIFACT = "evaluation/accuracy_matrix.json"
+HEATMAP_ARTIFACT = "evaluation"
+TAG_TASKS = "tasks"
+TAG_FINGERPRINTS = "dataset_fingerprints"
+TAG_DATASETS = "datasets"
+TAG_FINGERPRINT = "dataset_fingerprint"
+TAG_TASK = "task"
+TAG_BASE = "base_version"
+TAG_GATE = "gate"
+TAG_GATE_REASONS = "gate_reasons"
+SYSTEM_TAGS = (TAG_TASKS, TAG_FINGERPRINTS, TAG_FINGERPRINT, TAG_TASK, TAG_BASE, "num_tasks", "backbone")
+
+
+class RegistryError(RuntimeError):
+    """A registry operation failed or was refused; nothing was left half-done."""
+
+
+@dataclass
+class VersionInfo:
+    """One registered bundle version."""
+
+    version: int
+    tasks: list[str]
+    aliases: list[str]
+    tags: dict[str, str]
+    run_id: str | None
+    created: datetime
+    source: str = ""
+    dataset_fingerprints: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)
+    base_version: int | None = None
+
+
+@dataclass
+class GateDecision:
+    """The promotion gate's verdict: ``ok`` and why (reasons are kept even when it passes)."""
+
+    ok: bool
+    reasons: list[str]
+    checks: dict[str, Any] = field(default_factory=dict)
+
+
+# --- the gate ----------------------------------------------------------------------------------
+
+
+def promotion_gate(
+    prev_matrix: AccuracyMatrix | dict[str, Any] | None,
+    new_matrix: AccuracyMatrix | dict[str, Any],
+    promotion: PromotionSettings,
+) -> GateDecision:
+    """Decide whether a candidate may replace production.
+
+    - Backward: no task the production model knew (``prev_matrix``'s learned tasks; without one,
+      the candidate's own previous step) may lose more than ``promotion.max_task_drop`` of accuracy
+      (absolute, as a fraction: 0.02 = 2 points).
+    - Forward: on the held-out datasets the candidate must keep at least
+      ``promotion.min_zero_shot_retention`` of the frozen backbone's zero-shot accuracy (mean over
+      held-out datasets). Without held-out datasets this is not checked, and the reasons say so.
+    """
+    new = new_matrix if isinstance(new_matrix, AccuracyMatrix) else AccuracyMatrix.from_dict(new_matrix)
+    prev = prev_matrix if isinstance(prev_matrix, AccuracyMatrix | None) else AccuracyMatrix.from_dict(prev_matrix)
+    reasons: list[str] = []
+    failed = False
+    allowed = promotion.max_task_drop * 100.0
+    drops: dict[str, float] = {}
+    last = new.acc[-1]
+    if prev is not None and len(prev.rows) > 1:
+        reference = [(prev.columns[c], prev.acc[-1][c]) for c in prev.task_columns()]
+        against = "production"
+    elif len(new.rows) > 2:
+        reference = [(new.columns[c], new.acc[-2][c]) for c in new.task_columns()[: len(new.rows) - 2]]
+        against = "the previous step"
+    else:
+        reference, against = [], ""
+    for col, before in reference:
+        j = new.column(col.kind, col.fingerprint)
+        if j is None:
+            failed = True
+            reasons.append(f"task {col.name!r} of {against} is missing from the candidate's evaluation")
+            continue
+        drop = before - last[j]
+        drops[col.name] = drop
+        if drop > allowed + 1e-9:
+            failed = True
+            reasons.append(
+                f"task {col.name!r}: accuracy {before:.1f}% -> {last[j]:.1f}% "
+                f"(drop {drop:.1f} points > {allowed:.1f} allowed)"
+            )
+    if reference and not any(r.startswith("task ") for r in reasons):
+        worst = max(drops.values()) if drops else 0.0
+        reasons.append(f"earlier tasks kept: largest drop {worst:.1f} points vs {against} (<= {allowed:.1f} allowed)")
+    retention = new.zero_shot_retention()
+    if retention is None:
+        reasons.append("zero-shot retention not checked: no held-out dataset was evaluated")
+    elif retention + 1e-9 < promotion.min_zero_shot_retention:
+        failed = True
+        reasons.append(
+            f"zero-shot retention on held-out data {retention:.3f} < {promotion.min_zero_shot_retention:.3f} required"
+        )
+    else:
+        reasons.append(
+            f"zero-shot retention on held-out data {retention:.3f} >= {promotion.min_zero_shot_retention:.3f}"
+        )
+    checks = {"task_drops": drops, "max_task_drop_points": allowed, "zero_shot_retention": retention}
+    return GateDecision(ok=not failed, reasons=reasons, checks=checks)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def code_version() -> str:
+    """The git commit of the code when it runs from a checkout, else the installed package version."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+        sha = out.stdout.strip()
+        if sha:
+            return sha
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        from importlib.metadata import version
+
+        return version("diki")
+    except Exception:
+        from diki_model import __version__
+
+        return __version__
+
+
+def _loads_list(value: str | None) -> list[Any]:
+    if not value:
+        return []
+    try:
+        out = json.loads(value)
+    except json.JSONDecodeError:
+        return []
+    return out if isinstance(out, list) else []
+
+
+def _not_found(exc: Exception) -> bool:
+    return getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in str(exc).lower()
+
+
+# --- the registry ------------------------------------------------------------------------------
+
+
+class Registry:
+    """MLflow tracking and model registry for bundles, as configured in ``settings.mlflow``."""
+
+    def __init__(self, settings: Settings) -> None:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        from mlflow import MlflowClient
+
+        self.settings = settings
+        uri = settings.mlflow.tracking_uri
+        if uri is None:  # pragma: no cover - Settings always fills it
+            raise RegistryError("mlflow.tracking_uri is not set")
+        if uri.startswith("sqlite:///"):
+            Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        self.tracking_uri = uri
+        self.model_name = settings.mlflow.registry_model_name
+        self.client: MlflowClient = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self._experiment_id: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Registry(model={self.model_name!r})"
+
+    # -- tracking --------------------------------------------------------------------------------
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            name = self.settings.mlflow.experiment_name
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                location = self.settings.mlflow.artifact_location
+                if location and "://" not in location:
+                    Path(location).mkdir(parents=True, exist_ok=True)
+                    location = Path(location).as_uri()
+                try:
+                    self._experiment_id = self.client.create_experiment(name, artifact_location=location)
+                except Exception as exc:  # created concurrently by another process
+                    exp = self.client.get_experiment_by_name(name)
+                    if exp is None:
+                        raise RegistryError(f"cannot create MLflow experiment {name!r}: {exc}") from exc
+                    self._experiment_id = exp.experiment_id
+            else:
+                self._experiment_id = exp.experiment_id
+        return self._experiment_id
+
+    def create_run(self, name: str, tags: dict[str, str] | None = None) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags or {})
+        return run.info.run_id
+
+    def end_run(self, run_id: str, ok: bool = True) -> None:
+        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+    def log_training_run(
+        self,
+        job: TrainJobResult,
+        matrix: AccuracyMatrix | None = None,
+        *,
+        run_id: str | None = None,
+        extra_params: dict[str, Any] | None = None,
+    ) -> str:
+        """Record one learned task: parameters, per-epoch metrics, the accuracy matrix and its heatmap.
+
+        Returns the run id (a new run named after the Ray run unless ``run_id`` is given). The run
+        is left open; ``register_bundle`` adds the bundle to it, ``end_run`` closes it.
+        """
+        from mlflow.entities import Metric, Param
+
+        manifest = read_bundle_manifest(job.bundle_dir)
+        run_id = run_id or self.create_run(job.ray_run_id, {"diki.task": job.task_name})
+        params: dict[str, Any] = {f"train.{k}": v for k, v in job.train_config.items()}
+        params.update(
+            {
+                "scaling.workers": job.workers,
+                "scaling.use_gpu": job.use_gpu,
+                "backbone.name": manifest.backbone.get("name"),
+                "backbone.pretrained": manifest.backbone.get("pretrained"),
+                "backbone.fingerprint": manifest.backbone.get("fingerprint"),
+                "dataset.uri": job.dataset_uri,
+                "dataset.fingerprint": job.dataset_fingerprint,
+                "dataset.train_images": job.num_train_images,
+                "dataset.val_images": job.num_val_images,
+                "task.name": job.task_name,
+                "task.index": job.task_index,
+                "base_version": job.base_version,
+                "code_version": code_version(),
+                "ray.run_id": job.ray_run_id,
+                "ray.job_id": job.ray_job_id,
+                "ray.checkpoint": job.checkpoint_path,
+            }
+        )
+        params.update(extra_params or {})
+        now = int(time.time() * 1000)
+        metrics: list[Metric] = []
+        for h in job.history:
+            for key in ("train_loss", "train_acc", "val_acc", "lr", "seconds"):
+                if h.get(key) is not None:
+                    name = "epoch_seconds" if key == "seconds" else key
+                    metrics.append(Metric(name, float(h[key]), now, int(h["epoch"])))
+        summary = {
+            "train_seconds": job.train_seconds,
+            "job_seconds": job.job_seconds,
+            "startup_seconds": job.startup_seconds,
+            "images_per_second": job.images_per_second,
+            "best_epoch": job.best_epoch,
+        }
+        if matrix is not None:
+            summary.update({k: v for k, v in matrix.stream_metrics().items() if v is not None})
+            retention = matrix.zero_shot_retention()
+            if retention is not None:
+                summary["zero_shot_retention"] = retention
+            for j, col in enumerate(matrix.columns):
+                summary[f"acc.{col.kind}.{col.name}"] = matrix.acc[-1][j]
+        metrics += [Metric(k, float(v), now, 0) for k, v in summary.items()]
+        self.client.log_batch(
+            run_id,
+            metrics=metrics,
+            params=[Param(k, "" if v is None else str(v)[:6000]) for k, v in params.items()],
+        )
+        if matrix is not None:
+            self.client.log_text(run_id, matrix.to_json(), MATRIX_ARTIFACT)
+            with tempfile.TemporaryDirectory(prefix="diki-heatmap-") as tmp:
+                path = matrix.heatmap(Path(tmp) / "accuracy_heatmap.png")
+                self.client.log_artifact(run_id, str(path), HEATMAP_ARTIFACT)
+        return run_id
+
+    # -- versions --------------------------------------------------------------------------------
+
+    def _model_versions(self) -> list[Any]:
+        try:
+            return list(self.client.search_model_versions(f"name='{self.model_name}'", max_results=10_000))
+        except Exception as exc:
+            if _not_found(exc):
+                return []
+            raise
+
+    def _aliases(self) -> dict[str, int]:
+        try:
+            model = self.client.get_registered_model(self.model_name)
+        except Exception as exc:
+            if _not_found(exc):
+                return {}
+            raise
+        return {alias: int(v) for alias, v in (model.aliases or {}).items()}
+
+    def _model_tags(self) -> dict[str, str]:
+        try:
+            return dict(self.client.get_registered_model(self.model_name).tags or {})
+        except Exception as exc:
+            if _not_found(exc):
+                return {}
+            raise
+
+    def _info(self, mv: Any, aliases: dict[str, int]) -> VersionInfo:
+        tags = dict(mv.tags or {})
+        base = tags.get(TAG_BASE)
+        return VersionInfo(
+            version=int(mv.version),
+            tasks=[str(t) for t in _loads_list(tags.get(TAG_TASKS))],
+            aliases=sorted(a for a, v in aliases.items() if v == int(mv.version)),
+            tags=tags,
+            run_id=mv.run_id or None,
+            created=datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=UTC),
+            source=mv.source or "",
+            dataset_fingerprints=[str(f) for f in _loads_list(tags.get(TAG_FINGERPRINTS))],
+            datasets=[str(d) for d in _loads_list(tags.get(TAG_DATASETS))],
+            base_version=int(base) if base and base.isdigit() else None,
+        )
+
+    def list_versions(self) -> list[VersionInfo]:
+        """Every version, oldest first, with its tasks, aliases and tags."""
+        aliases = self._aliases()
+        return sorted((self._info(mv, aliases) for mv in self._model_versions()), key=lambda v: v.version)
+
+    def get_version(self, version: int) -> VersionInfo:
+        try:
+            mv = self.client.get_model_version(self.model_name, str(version))
+        except Exception as exc:
+            if _not_found(exc):
+                raise RegistryError(f"{self.model_name!r} has no version {version}") from exc
+            raise
+        return self._info(mv, self._aliases())
+
+    def latest_version(self) -> int | None:
+        versions = [int(mv.version) for mv in self._model_versions()]
+        return max(versions) if versions else None
+
+    def find_version_by_dataset(self, fingerprint: str) -> int | None:
+        """The newest version that learned the dataset with this fingerprint as its own new task."""
+        found = [v.version for v in self.list_versions() if v.tags.get(TAG_FINGERPRINT) == fingerprint]
+        return max(found) if found else None
+
+    def _ensure_model(self) -> None:
+        try:
+            self.client.get_registered_model(self.model_name)
+        except Exception as exc:
+            if not _not_found(exc):
+                raise
+            try:
+                self.client.create_registered_model(
+                    self.model_name, description="DIKI bundles: version N+1 = version N + one learned task."
+                )
+            except Exception as create_exc:  # created concurrently
+                if "already exists" not in str(create_exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(
+                    getattr(create_exc, "error_code", "")
+                ):
+                    raise
+
+    def register_bundle(
+        self,
+        bundle_dir: Path,
+        *,
+        run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+        datasets: list[str] | None = None,
+    ) -> int:
+        """Register a bundle folder as a new version and return its number.
+
+        The bundle must extend a registered version by exactly one task (or hold one task). Its folder
+        is logged as the run's ``bundle/`` artifacts (a new run when ``run_id`` is None), the version is
+        created with its lineage tags, then ``tags`` are applied; if anything after creating the version
+        fails, the version is deleted and ``RegistryError`` raised.
+
+        Args:
+            datasets: the dataset URI of each task, in order (kept for later evaluations).
+        """
+        bundle_dir = Path(bundle_dir)
+        manifest = read_bundle_manifest(bundle_dir)
+        names = manifest.task_names
+        fps = [str(t.get("dataset_fingerprint", "")) for t in manifest.tasks]
+        if not names:
+            raise RegistryError(f"{bundle_dir}: the bundle holds no task")
+        if datasets is not None and len(datasets) != len(names):
+            raise RegistryError(f"{bundle_dir}: {len(names)} tasks but {len(datasets)} dataset URIs")
+        backbone_fp = str(manifest.backbone.get("fingerprint", ""))
+        parent = self._parent(names, fps, backbone_fp, (tags or {}).get(TAG_BASE))
+        own_run = run_id is None
+        if own_run:
+            run_id = self.create_run(f"register-{names[-1]}", {"diki.task": names[-1]})
+        assert run_id is not None
+        try:
+            self.client.log_artifacts(run_id, str(bundle_dir), BUNDLE_ARTIFACT)
+            source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{BUNDLE_ARTIFACT}"
+            self._ensure_model()
+        except Exception as exc:
+            if own_run:
+                self.end_run(run_id, ok=False)
+            raise RegistryError(f"cannot store bundle {bundle_dir} in MLflow run {run_id}: {exc}") from exc
+        system = {
+            TAG_TASKS: json.dumps(names),
+            TAG_FINGERPRINTS: json.dumps(fps),
+            TAG_FINGERPRINT: fps[-1],
+            TAG_TASK: names[-1],
+            TAG_BASE: "" if parent is None else str(parent),
+            "num_tasks": str(len(names)),
+            "backbone": str(manifest.backbone.get("name", "")),
+            "backbone_fingerprint": backbone_fp,
+        }
+        if datasets is not None:
+            system[TAG_DATASETS] = json.dumps([str(d) for d in datasets])
+        try:
+            mv = self.client.create_model_version(self.model_name, source, run_id=run_id, tags=system)
+        except Exception as exc:
+            if own_run:
+                self.end_run(run_id, ok=False)
+            raise RegistryError(f"cannot create a version of {self.model_name!r} for {bundle_dir}: {exc}") from exc
+        version = int(mv.version)
+        try:
+            if mv.status != "READY":
+                raise RegistryError(f"version {version} is {mv.status}: {mv.status_message}")
+            listed = {a.path.rsplit("/", 1)[-1] for a in self.client.list_artifacts(run_id, BUNDLE_ARTIFACT)}
+            if "bundle.json" not in listed:
+                raise RegistryError(f"bundle.json missing from the stored artifacts at {source}")
+            for key, value in (tags or {}).items():
+                if key in SYSTEM_TAGS:
+                    continue
+                self.client.set_model_version_tag(self.model_name, str(version), key, value)
+        except Exception as exc:
+            try:
+                self.client.delete_model_version(self.model_name, str(version))
+            except Exception as cleanup:  # pragma: no cover - reported with the original error
+                raise RegistryError(
+                    f"registering {bundle_dir} failed ({exc}) and version {version} could not be deleted: {cleanup}"
+                ) from exc
+            if own_run:
+                self.end_run(run_id, ok=False)
+            raise RegistryError(f"registering {bundle_dir} failed, version {version} was removed: {exc}") from exc
+        if own_run:
+            self.end_run(run_id, ok=True)
+        return version
+
+    def _parent(self, names: list[str], fps: list[str], backbone_fp: str, wanted: str | None) -> int | None:
+        if len(names) == 1:
+            return None
+        candidates = [
+            v
+            for v in self.list_versions()
+            if v.tasks == names[:-1]
+            and (not v.dataset_fingerprints or v.dataset_fingerprints == fps[:-1])
+            and v.tags.get("backbone_fingerprint", backbone_fp) == backbone_fp
+        ]
+        if wanted and wanted.isdigit():
+            chosen = [v for v in candidates if v.version == int(wanted)]
+            if not chosen:
+                raise RegistryError(
+                    f"lineage: version {wanted} does not hold the bundle's first {len(names) - 1} tasks {names[:-1]}"
+                )
+            return chosen[0].version
+        if not candidates:
+            raise RegistryError(
+                f"lineage: the bundle's tasks {names} do not extend any registered version by one task "
+                f"(no version holds exactly {names[:-1]})"
+            )
+        return max(v.version for v in candidates)
+
+    def download_bundle(self, version: int, dst: Path) -> Path:
+        """Fetch version ``version`` into the folder ``dst`` (replaced); checks it names the version's tasks."""
+        import mlflow
+
+        info = self.get_version(version)
+        dst = Path(dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=info.source, dst_path=str(tmp), tracking_uri=self.tracking_uri
+            )
+            manifest = read_bundle_manifest(local)
+            if info.tasks and manifest.task_names != info.tasks:
+                raise RegistryError(
+                    f"version {version}: stored bundle holds tasks {manifest.task_names}, the version names {info.tasks}"
+                )
+            if dst.exists():
+                shutil.rmtree(dst)
+            os.replace(local, dst)
+        except RegistryError:
+            raise
+        except Exception as exc:
+            raise RegistryError(f"cannot download version {version} of {self.model_name!r}: {exc}") from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dst
+
+    def get_matrix(self, version: int) -> AccuracyMatrix | None:
+        """The accuracy matrix recorded with the version's run, if any."""
+        info = self.get_version(version)
+        if not info.run_id:
+            return None
+        with tempfile.TemporaryDirectory(prefix="diki-matrix-") as tmp:
+            try:
+                path = self.client.download_artifacts(info.run_id, MATRIX_ARTIFACT, tmp)
+            except Exception:
+                return None
+            return AccuracyMatrix.from_json(Path(path).read_text(), f"version {version} {MATRIX_ARTIFACT}")
+
+    # -- aliases ---------------------------------------------------------------------------------
+
+    def get_alias(self, alias: str) -> int | None:
+        return self._aliases().get(alias)
+
+    def alias_history(self, alias: str) -> list[int]:
+        return [int(v) for v in _loads_list(self._model_tags().get(f"{alias}_history"))]
+
+    def set_alias(self, alias: str, version: int) -> None:
+        """Point ``alias`` at ``version`` and append it to the alias's history."""
+        self._move_alias(alias, version, None)
+
+    def _move_alias(self, alias: str, version: int, history: list[int] | None) -> None:
+        if not alias or not alias.replace("_", "").replace("-", "").isalnum():
+            raise RegistryError(f"invalid alias {alias!r}")
+        self.get_version(version)  # raises when it does not exist
+        old = self.get_alias(alias)
+        if history is None:
+            history = self.alias_history(alias)
+            if old is not None and (not history or history[-1] != old):
+                history.append(old)
+            if not history or history[-1] != version:
+                history.append(version)
+        self.client.set_registered_model_alias(self.model_name, alias, str(version))
+        try:
+            self.client.set_registered_model_tag(self.model_name, f"{alias}_history", json.dumps(history))
+        except Exception as exc:
+            try:
+                if old is None:
+                    self.client.delete_registered_model_alias(self.model_name, alias)
+                else:
+                    self.client.set_registered_model_alias(self.model_name, alias, str(old))
+            except Exception as restore:  # pragma: no cover - reported with the original error
+                raise RegistryError(f"moving {alias!r} failed ({exc}) and could not be undone: {restore}") from exc
+            raise RegistryError(f"moving {alias!r} to version {version} failed and was undone: {exc}") from exc
+
+    def promote(self, version: int) -> None:
+        """Make ``version`` the production version (an operator's decision: the gate is not applied)."""
+        self.set_alias("production", version)
+
+    def rollback(self) -> int:
+        """Move ``production`` back to the version it pointed at before; returns that version."""
+        current = self.get_alias("production")
+        if current is None:
+            raise RegistryError(f"{self.model_name!r} has no production version to roll back")
+        history = self.alias_history("production")
+        if not history or history[-1] != current:
+            history.append(current)
+        while history and history[-1] == current:
+            history.pop()
+        if not history:
+            raise RegistryError(f"version {current} is the first production version: there is nothing to roll back to")
+        previous = history[-1]
+        self._move_alias("production", previous, history)
+        self.client.set_model_version_tag(
+            self.model_name, str(current), "rolled_back_at", datetime.now(UTC).isoformat()
+        )
+        return previous
+
+    def apply_gate(self, version: int, decision: GateDecision) -> bool:
+        """Record the gate's verdict on ``version``, make it ``candidate``, and ``production`` if it passed."""
+        self.client.set_model_version_tag(
+            self.model_name, str(version), TAG_GATE, "passed" if decision.ok else "refused"
+        )
+        self.client.set_model_version_tag(
+            self.model_name, str(version), TAG_GATE_REASONS, json.dumps(decision.reasons)[:5000]
+        )
+        self.set_alias("candidate", version)
+        if decision.ok:
+            self.set_alias("production", version)
+        return decision.ok
