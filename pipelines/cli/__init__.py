@@ -28,3 +28,16 @@ def version() -> None:
 
 def main() -> None:
     app()
+
+
+# Command groups, each in its own module (imported after `app` exists).
+from pipelines.cli import bench, config, data, datasets, demo, serve, stack, train  # noqa: E402
+
+app.add_typer(config.config_app, name="config")
+app.add_typer(stack.stack_app, name="stack")
+app.add_typer(bench.bench_app, name="bench")
+app.add_typer(data.data_app, name="data")
+train.register(app)
+datasets.register(app)
+serve.register(app)
+demo.register(app)
