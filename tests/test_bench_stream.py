@@ -33,7 +33,7 @@ def test_every_method_runs_and_the_metrics_follow_the_matrix(data_dir):
     assert list(results) == list(METHODS)
     zs = results["zero-shot"].acc
     assert zs.shape == (3, 3) and np.allclose(zs, zs[0])  # the frozen model never changes
-    for m, r in results.items():
+    for r in results.values():
         assert r.eval_names == ["faces", "textures", extra[0].name]
         np.testing.assert_allclose(r.acc[0], zs[0])  # every method starts from zero-shot
         s = r.stream_matrix()
