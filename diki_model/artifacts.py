@@ -7,11 +7,13 @@ and with the same adapter layout, and refuses a mismatch with a clear error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,27 +63,43 @@ def task_metadata(model: DikiCLIP, task: int) -> dict[str, Any]:
     }
 
 
-def save_task(model: DikiCLIP, task: int, directory: str | Path) -> Path:
-    """Write task ``task`` to ``directory`` atomically (a complete folder or nothing)."""
-    rec = model.tasks[task]
-    if rec.gaussian is None:
-        raise ArtifactError(f"task {rec.name!r} has no fitted statistics; fit them before saving")
+@contextlib.contextmanager
+def atomic_dir(directory: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; it replaces ``directory`` only if the block succeeds."""
     out = Path(directory)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"adapter.{k}": v.contiguous() for k, v in model.adapter_state_dict(task).items()}
-    tensors["gaussian.mean"] = rec.gaussian.mean.to(torch.float64).contiguous()
-    tensors["gaussian.cov"] = rec.gaussian.cov.to(torch.float64).contiguous()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "diki-task", "name": rec.name})
-        (tmp / META_FILE).write_text(json.dumps(task_metadata(model, task), indent=2, sort_keys=True))
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def bundle_manifest_fields(model: DikiCLIP) -> dict[str, Any]:
+    """The backbone and config fields every bundle manifest of ``model`` records."""
+    return {
+        "backbone": model.backbone_info.to_dict(),
+        "config": model.config.to_dict(),
+        "library_version": library_version(),
+    }
+
+
+def save_task(model: DikiCLIP, task: int, directory: str | Path) -> Path:
+    """Write task ``task`` to ``directory`` atomically (a complete folder or nothing)."""
+    rec = model.tasks[task]
+    if rec.gaussian is None:
+        raise ArtifactError(f"task {rec.name!r} has no fitted statistics; fit them before saving")
+    tensors = {f"adapter.{k}": v.contiguous() for k, v in model.adapter_state_dict(task).items()}
+    tensors["gaussian.mean"] = rec.gaussian.mean.to(torch.float64).contiguous()
+    tensors["gaussian.cov"] = rec.gaussian.cov.to(torch.float64).contiguous()
+    with atomic_dir(directory) as tmp:
+        save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "diki-task", "name": rec.name})
+        (tmp / META_FILE).write_text(json.dumps(task_metadata(model, task), indent=2, sort_keys=True))
+    return Path(directory)
 
 
 def read_task_metadata(directory: str | Path) -> dict[str, Any]:

@@ -8,16 +8,21 @@ names exactly the tasks a served model knows. The registry versions bundles; ser
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diki_model.artifacts import ArtifactError, library_version, load_task, read_task_metadata, save_task
+from diki_model.artifacts import (
+    ArtifactError,
+    atomic_dir,
+    bundle_manifest_fields,
+    load_task,
+    read_task_metadata,
+    save_task,
+)
 from diki_model.config import DikiConfig
 from diki_model.model import DikiCLIP, create_diki_model
 
@@ -59,28 +64,14 @@ def task_folder_name(index: int, name: str) -> str:
 
 def save_bundle(model: DikiCLIP, directory: str | Path) -> BundleManifest:
     """Write every task of ``model`` as a bundle folder, atomically."""
-    out = Path(directory)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         tasks = []
         for i, rec in enumerate(model.tasks):
             rel = task_folder_name(i, rec.name)
             save_task(model, i, tmp / rel)
             tasks.append({"name": rec.name, "path": rel, "dataset_fingerprint": rec.dataset_fingerprint})
-        manifest = BundleManifest(
-            backbone=model.backbone_info.to_dict(),
-            config=model.config.to_dict(),
-            tasks=tasks,
-            library_version=library_version(),
-        )
+        manifest = BundleManifest(tasks=tasks, **bundle_manifest_fields(model))
         (tmp / BUNDLE_FILE).write_text(manifest.to_json())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -128,10 +119,8 @@ def load_bundle(
 
 def extend_bundle(base: str | Path | None, model: DikiCLIP, task: int, directory: str | Path) -> BundleManifest:
     """Write bundle = ``base`` bundle + task ``task`` of ``model`` (copying the base's task folders)."""
-    out = Path(directory)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(directory) as tmp:
+        tasks: list[dict[str, Any]] = []
         if base is not None:
             manifest = read_bundle_manifest(base)
             if manifest.backbone.get("fingerprint") != model.backbone_info.fingerprint:
@@ -139,25 +128,12 @@ def extend_bundle(base: str | Path | None, model: DikiCLIP, task: int, directory
             for entry in manifest.tasks:
                 shutil.copytree(Path(base) / entry["path"], tmp / entry["path"])
             tasks = list(manifest.tasks)
-        else:
-            tasks = []
         name = model.tasks[task].name
         if name in [t["name"] for t in tasks]:
             raise ArtifactError(f"the base bundle already holds a task named {name!r}")
         rel = task_folder_name(len(tasks), name)
         save_task(model, task, tmp / rel)
         tasks.append({"name": name, "path": rel, "dataset_fingerprint": model.tasks[task].dataset_fingerprint})
-        new = BundleManifest(
-            backbone=model.backbone_info.to_dict(),
-            config=model.config.to_dict(),
-            tasks=tasks,
-            library_version=library_version(),
-        )
+        new = BundleManifest(tasks=tasks, **bundle_manifest_fields(model))
         (tmp / BUNDLE_FILE).write_text(new.to_json())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return new
