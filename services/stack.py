@@ -6,7 +6,9 @@
 - ``mlflow``: an MLflow server (SQLite or the Postgres URL given, artifacts in the S3 bucket);
 - ``prefect``: a Prefect server;
 - ``ray``: a Ray head with its dashboard;
-- then every extra service named in :data:`EXTRA_SERVICES` or ``stack.extra_services``.
+- then every extra service named in :data:`EXTRA_SERVICES` or ``stack.extra_services``, and those
+  the caller passes (``diki stack up`` passes the Serve application and the served watcher, see
+  ``pipelines.stack_services``).
 
 Each service is a :class:`ServiceSpec`. Logs go to ``logs/<name>.log``, pid files to
 ``run/<name>.pid``, data to ``data/``, and ``stack.env`` (mode 0600) holds the variables that
@@ -713,10 +715,14 @@ def ray_service(ctx: StackContext) -> ServiceSpec:
     ]
     if settings.ray.num_cpus is not None:
         command.append(f"--num-cpus={settings.ray.num_cpus}")
+    # Serve replicas and Train workers run in this head's worker processes and read S3 and MLflow
+    # from their environment (secrets never travel in a job's or a deployment's config).
+    env = {k: v for k, v in ctx.client_env.items() if k != "RAY_ADDRESS"}
+    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
     return ServiceSpec(
         name="ray",
         command=command,
-        env={"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"},
+        env=env,
         unset_env=("RAY_ADDRESS",),
         port=ports.ray,
         extra_ports=(ports.ray_dashboard, ports.ray_client, ports.ray_dashboard_agent),

@@ -114,6 +114,31 @@ def test_core_services_and_hooks(tmp_path: Path) -> None:
     assert not (tmp_path / ".diki").exists(), "listing services creates nothing"
 
 
+def test_the_product_services_join_the_stack(tmp_path: Path) -> None:
+    """`diki stack up` adds the Serve application and the served watcher after the core services."""
+    from pipelines.stack_services import STACK_SERVICES
+
+    secret = "stack-secret-" + uuid.uuid4().hex
+    settings = stack_settings(tmp_path, s3={"access_key_id": "AKIATEST", "secret_access_key": secret})
+    specs = Stack(settings, extra_services=STACK_SERVICES).services()
+    assert [s.name for s in specs] == ["s3", "mlflow", "prefect", "ray", "serve", "watcher"]
+    by_name = {s.name: s for s in specs}
+    port = settings.serve.port
+    assert by_name["serve"].port == port and by_name["serve"].health_url == f"http://127.0.0.1:{port}/readyz"
+    assert by_name["serve"].url == f"http://127.0.0.1:{port}/docs"
+    assert set(by_name["serve"].wait_for) >= {"ray", "mlflow", "s3"}
+    assert "prefect" in by_name["watcher"].wait_for
+    for name in ("serve", "watcher"):
+        assert by_name[name].env["RAY_ADDRESS"] == f"127.0.0.1:{settings.stack.ports.ray}"
+        assert by_name[name].env["DIKI_STORAGE__ROOT"] == "s3://diki/storage"
+    # Serve replicas and training workers run inside the Ray head: it carries the client variables
+    # (in its environment, not its command line), but never a RAY_ADDRESS of its own.
+    ray = by_name["ray"]
+    assert ray.env["AWS_SECRET_ACCESS_KEY"] == secret and ray.env["MLFLOW_TRACKING_URI"].startswith("http://")
+    assert "RAY_ADDRESS" not in ray.env and "RAY_ADDRESS" in ray.unset_env
+    assert all(secret not in " ".join(spec.command) for spec in specs)
+
+
 def test_duplicate_names_and_ports_are_refused(tmp_path: Path) -> None:
     settings = stack_settings(tmp_path)
     clash = settings.stack.ports.mlflow
@@ -287,3 +312,92 @@ def test_failed_start_rolls_back(tmp_path: Path, ray_temp_dir: Path) -> None:
         stack.up()
     assert list(stack.run_dir.glob("*.pid")) == []
     assert all(port_is_free(getattr(settings.stack.ports, name)) for name in PORT_NAMES)
+
+
+@pytest.mark.slow
+def test_stack_learns_a_pushed_dataset_and_serves_it(
+    tmp_path: Path, ray_temp_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole product on the stack: `diki stack up` -> `diki push` into the S3 bucket -> the served
+    watcher learns it on the Ray head -> the Serve application answers for it over HTTP -> `diki stack down`."""
+    import yaml
+
+    from pipelines.cli import app
+    from services.serving.client import ServingClient
+    from tests.test_training import QUADS, make_dataset, png_records
+
+    ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True))
+    serve_port = free_ports(1)[0]
+    config = tmp_path / "stack.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "home": str(tmp_path / ".diki"),
+                # The shipped pre-trained backbone: the Serve replica loads the very weights training used.
+                "backbone": {"name": "diki-small"},
+                "train": {"epochs": 1, "batch_size": 16, "seed": 0},
+                "pipeline": {"poll_interval_s": 5},
+                "serve": {"host": "127.0.0.1", "port": serve_port, "poll_interval_s": 2},
+                # One epoch on 96 images: the gate is tested elsewhere and must not refuse by chance.
+                "promotion": {"max_task_drop": 1.0, "min_zero_shot_retention": 0.0},
+                "stack": {
+                    "ports": ports,
+                    "ray_temp_dir": str(ray_temp_dir),
+                    "start_timeout_s": 120,
+                    "stop_timeout_s": 40,
+                },
+            }
+        )
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("DIKI_CONFIG", str(config))  # `stack up --config` exports it for its services
+    runner = CliRunner()
+    settings = Settings.load(config)
+    timings: dict[str, float] = {}
+    try:
+        t0 = time.monotonic()
+        up = runner.invoke(app, ["stack", "up", "--config", str(config)], catch_exceptions=False)
+        timings["up"] = time.monotonic() - t0
+        assert up.exit_code == 0, up.output
+        rows = {s.name: s for s in Stack(settings).status() if s.name in ("serve", "watcher")}
+        assert set(rows) == {"serve", "watcher"} and all(r.running for r in rows.values()), up.output
+        assert f"http://127.0.0.1:{serve_port}/docs" in up.output.replace("\n", "")
+
+        # A client points at the stack with stack.env, as the README says.
+        client_env = Stack(settings).client_env()
+        source = Path(make_dataset(tmp_path / "src" / "quads", "quads", QUADS, background=60, seed=0))
+        t0 = time.monotonic()
+        pushed = runner.invoke(
+            app,
+            ["push", str(source), "--name", "quads", "--config", str(config)],
+            env=client_env,
+            catch_exceptions=False,
+        )
+        assert pushed.exit_code == 0, pushed.output
+
+        with ServingClient(f"http://127.0.0.1:{serve_port}", retry_for_s=10) as client:
+            deadline = time.monotonic() + 600
+            ready = client.ready()
+            while ready.get("bundle_version") != 1 and time.monotonic() < deadline:
+                time.sleep(2)
+                ready = client.ready()
+            timings["push to served"] = time.monotonic() - t0
+            logs = {p.name: p.read_text(errors="replace")[-3000:] for p in Stack(settings).logs_dir.glob("*.log")}
+            assert ready.get("bundle_version") == 1, (ready, logs.get("watcher.log"), logs.get("serve.log"))
+            assert ready["tasks"] == ["quads"]
+
+            image, _ = next(png_records(1, len(QUADS), background=60, seed=7))
+            answer = client.classify(image)
+            assert answer["bundle_version"] == 1 and answer["task"] == "quads", answer
+            assert answer["label"] in QUADS
+        # No secret reaches the logs of any service.
+        for log in Stack(settings).logs_dir.glob("*.log"):
+            assert client_env["AWS_SECRET_ACCESS_KEY"] not in log.read_text(errors="replace"), log
+    finally:
+        t0 = time.monotonic()
+        down = runner.invoke(app, ["stack", "down", "--config", str(config)], catch_exceptions=False)
+        timings["down"] = time.monotonic() - t0
+        print("stack end-to-end timings (s):", {k: round(v, 1) for k, v in timings.items()})
+    assert down.exit_code == 0, down.output
+    assert "serve" in down.output and "watcher" in down.output
+    assert all(port_is_free(p) for p in [*ports.values(), serve_port])

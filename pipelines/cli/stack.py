@@ -1,16 +1,23 @@
-"""``diki stack``: run the real services (S3, MLflow, Prefect, a Ray head, hooks) on loopback."""
+"""``diki stack``: run the real services on loopback (S3, MLflow, Prefect, a Ray head, Serve, the watcher)."""
 
 from __future__ import annotations
+
+import os
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from pipelines.cli.config import ConfigOption, load_settings
+from pipelines.stack_services import STACK_SERVICES
+from services.settings import CONFIG_ENV
 from services.stack import ServiceStatus, Stack, StackError
 
 stack_app = typer.Typer(
-    help="Start, stop and inspect the local stack of services on 127.0.0.1 (data stays in the stack home).",
+    help=(
+        "Start, stop and inspect the local stack on 127.0.0.1: S3, MLflow, Prefect, a Ray head, the Serve "
+        "application and the served watcher (data stays in the stack home)."
+    ),
     no_args_is_help=True,
 )
 
@@ -19,7 +26,11 @@ _errors = Console(stderr=True, highlight=False)
 
 
 def _stack(config: ConfigOption) -> Stack:
-    return Stack(load_settings(config))
+    settings = load_settings(config)
+    if config is not None:
+        # The stack's own services (Serve, the watcher) read the same file.
+        os.environ[CONFIG_ENV] = str(config.expanduser().resolve())
+    return Stack(settings, extra_services=STACK_SERVICES)
 
 
 def _fail(exc: Exception) -> typer.Exit:

@@ -1,0 +1,5 @@
+"""``python -m pipelines.cli``: the ``diki`` command without its console script."""
+
+from pipelines.cli import main
+
+main()
