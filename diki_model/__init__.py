@@ -10,7 +10,14 @@ __version__ = "0.1.0"
 
 from diki_model.adapters import Route, inject_residual_kv
 from diki_model.artifacts import ArtifactError, load_task, read_task_metadata, save_task
-from diki_model.backbone import Backbone, BackboneInfo, fingerprint_model, load_backbone, register_model_configs
+from diki_model.backbone import (
+    Backbone,
+    BackboneInfo,
+    adapter_lr,
+    fingerprint_model,
+    load_backbone,
+    register_model_configs,
+)
 from diki_model.bundle import BundleManifest, extend_bundle, load_bundle, read_bundle_manifest, save_bundle
 from diki_model.calibration import ConstantGate, PaperGate, StandardizedGate, make_gate
 from diki_model.config import DikiConfig
@@ -62,6 +69,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainState",
+    "adapter_lr",
     "apply_statistics",
     "collect_statistics",
     "create_diki_model",

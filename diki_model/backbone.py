@@ -142,3 +142,23 @@ def load_backbone(
         context_length=int(getattr(model, "context_length", getattr(tokenizer, "context_length", 77))),
     )
     return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, info=info)
+
+
+# The authors' SGD rate for the residual K/V of OpenAI's CLIP, whose logit scale is 100.
+DEFAULT_ADAPTER_LR = 5.0
+ADAPTER_TRAINING_FILE = "adapter_training.json"
+
+
+def adapter_lr(name: str, pretrained: str | None = None) -> float:
+    """The SGD learning rate the residual K/V of this backbone is known to train well with.
+
+    The gradient that reaches K/V scales with the backbone's logit scale and activation sizes, so
+    the authors' rate of 5 (ViT-B/16, logit scale 100) under-trains a small backbone by an order of
+    magnitude. A shipped checkpoint records its measured rate in ``adapter_training.json``; any
+    other backbone gets the authors' rate.
+    """
+    if pretrained is None:
+        path = CHECKPOINT_DIR / name / ADAPTER_TRAINING_FILE
+        if path.is_file():
+            return float(json.loads(path.read_text())["lr"])
+    return DEFAULT_ADAPTER_LR

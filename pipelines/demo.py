@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-DEMO_TASKS = ("faces", "fashion-inverted", "glyph-letters", "textures")
+DEMO_TASKS = ("faces", "fashion-inverted", "optdigits", "textures")
 DEMO_HELDOUT = ("shape-colour", "clothing-colour")
 PROBES_PER_SET = 4
 

@@ -372,37 +372,18 @@ def _matrix(ctx: _Context, record: DatasetRecord) -> AccuracyMatrix:
 @task(name="evaluate", cache_policy=NO_CACHE, **_STEP)
 def evaluate_step(ctx: _Context, record: DatasetRecord) -> DatasetRecord:
     """The accuracy matrix: every task's test set and the held-out sets, after each learning step."""
-    from services.evaluation import build_accuracy_matrix, discover_heldout
-    from services.registry import Registry
-    from services.training import TrainingError
+    from services.evaluation import discover_heldout
+    from services.training import evaluate_new_version
 
-    settings = ctx.settings
     job = _job(record)
-    bundle_dir = _local_bundle(ctx, record)
-    registry = Registry(settings)
-    previous = None
-    base_datasets: list[str] = []
-    base_fps: list[str] = []
-    if job.base_version is not None:
-        base = registry.get_version(job.base_version)
-        previous = registry.get_matrix(job.base_version)
-        base_fps, base_datasets = base.dataset_fingerprints, base.datasets
-        if len(base_datasets) != len(base.tasks) and previous is not None:
-            base_datasets = [previous.columns[c].uri for c in previous.task_columns()]
-        if len(base_datasets) != len(base.tasks):
-            raise TrainingError(
-                f"version {job.base_version} does not record the datasets of its tasks, so the new version "
-                "cannot be evaluated on them"
-            )
     assert record.dataset_uri is not None and record.fingerprint is not None
-    task_datasets = [*base_datasets, record.dataset_uri]
-    matrix = build_accuracy_matrix(
-        settings,
-        bundle_dir,
-        task_datasets,
-        discover_heldout(settings),
-        previous=previous,
-        fingerprints=[*base_fps, record.fingerprint] if len(base_fps) == len(base_datasets) else None,
+    matrix, task_datasets = evaluate_new_version(
+        ctx.settings,
+        _local_bundle(ctx, record),
+        job.base_version,
+        record.dataset_uri,
+        record.fingerprint,
+        discover_heldout(ctx.settings),
     )
     rel = f"{ctx.store.run_prefix(record.fingerprint)}/accuracy_matrix.json"
     ctx.storage.write_bytes(rel, matrix.to_json().encode("utf-8"))

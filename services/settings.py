@@ -268,8 +268,9 @@ class TrainSettings(_Section):
     use_gpu: bool = False
     batch_size: int = Field(default=128, ge=1)
     epochs: int = Field(default=10, ge=1)
-    # SGD with a cosine schedule; DIKI's residual branches want a large rate.
-    lr: float = Field(default=5.0, gt=0)
+    # SGD with a cosine schedule; DIKI's residual branches want a large rate. None: the backbone's
+    # measured rate (diki_model.adapter_lr: 50 for the shipped diki-small), else the authors' 5.
+    lr: float | None = Field(default=None, gt=0)
     seed: int = 0
 
 

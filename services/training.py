@@ -52,6 +52,7 @@ from diki_model import (
     TaskStatistics,
     TrainConfig,
     TrainState,
+    adapter_lr,
     apply_statistics,
     collect_statistics,
     extend_bundle,
@@ -74,7 +75,7 @@ from services.settings import Settings
 
 if TYPE_CHECKING:
     from services.evaluation import AccuracyMatrix
-    from services.registry import GateDecision
+    from services.registry import GateDecision, Registry
 
 __all__ = [
     "CURRENT",
@@ -83,6 +84,7 @@ __all__ = [
     "TrainingError",
     "TrainingInputError",
     "check_dataset",
+    "evaluate_new_version",
     "learn_dataset",
     "run_training_job",
 ]
@@ -793,7 +795,7 @@ def _run_job(
     if epochs is not None and epochs < 1:
         raise TrainingInputError(f"epochs must be >= 1, got {epochs}")
     cfg = TrainConfig(
-        lr=settings.train.lr,
+        lr=settings.train.lr or adapter_lr(settings.backbone.name, settings.backbone.pretrained),
         epochs=epochs or settings.train.epochs,
         batch_size=settings.train.batch_size,
         seed=settings.train.seed,
@@ -951,7 +953,7 @@ def learn_dataset(
         TrainingError: the job failed; nothing was registered.
         RegistryError: registration failed; nothing was left registered.
     """
-    from services.evaluation import build_accuracy_matrix, discover_heldout
+    from services.evaluation import discover_heldout
     from services.registry import TAG_BASE, Registry, promotion_gate
 
     dataset_uri = _normalise_uri(dataset_uri)
@@ -981,29 +983,14 @@ def learn_dataset(
     )
     if job_options:
         raise TypeError(f"unknown options {sorted(job_options)}")
-    previous = None
-    base_datasets: list[str] = []
-    base_fps: list[str] = []
-    if job.base_version is not None:
-        base_info = registry.get_version(job.base_version)
-        previous = registry.get_matrix(job.base_version)
-        base_fps = base_info.dataset_fingerprints
-        base_datasets = base_info.datasets
-        if len(base_datasets) != len(base_info.tasks) and previous is not None:
-            base_datasets = [previous.columns[c].uri for c in previous.task_columns()]
-        if len(base_datasets) != len(base_info.tasks):
-            raise TrainingError(
-                f"version {job.base_version} does not record the datasets of its tasks, so the new version "
-                "cannot be evaluated on them"
-            )
-    task_datasets = [*base_datasets, dataset_uri]
-    matrix = build_accuracy_matrix(
+    matrix, task_datasets = evaluate_new_version(
         settings,
         job.bundle_dir,
-        task_datasets,
+        job.base_version,
+        dataset_uri,
+        fingerprint,
         heldout,
-        previous=previous,
-        fingerprints=[*base_fps, fingerprint] if len(base_fps) == len(base_datasets) else None,
+        registry=registry,
         limit=eval_limit,
     )
     run_id = registry.log_training_run(job, matrix)
@@ -1031,3 +1018,52 @@ def learn_dataset(
         run_id=run_id,
         metrics=matrix.stream_metrics(),
     )
+
+
+def evaluate_new_version(
+    settings: Settings,
+    bundle_dir: str | Path,
+    base_version: int | None,
+    dataset_uri: str,
+    fingerprint: str,
+    heldout: list[str],
+    *,
+    registry: Registry | None = None,
+    limit: int | None = None,
+) -> tuple[AccuracyMatrix, list[str]]:
+    """The accuracy matrix of a bundle = ``base_version`` + the task learned from ``dataset_uri``.
+
+    Every task's test set (the base version's datasets, then the new one) and the held-out sets are
+    scored; the base version's own matrix supplies the earlier rows. Returns the matrix and the
+    task dataset URIs in task order.
+    """
+    from services.evaluation import build_accuracy_matrix
+    from services.registry import Registry
+
+    registry = registry or Registry(settings)
+    previous = None
+    base_datasets: list[str] = []
+    base_fps: list[str] = []
+    if base_version is not None:
+        base_info = registry.get_version(base_version)
+        previous = registry.get_matrix(base_version)
+        base_fps = base_info.dataset_fingerprints
+        base_datasets = base_info.datasets
+        if len(base_datasets) != len(base_info.tasks) and previous is not None:
+            base_datasets = [previous.columns[c].uri for c in previous.task_columns()]
+        if len(base_datasets) != len(base_info.tasks):
+            raise TrainingError(
+                f"version {base_version} does not record the datasets of its tasks, so the new version "
+                "cannot be evaluated on them"
+            )
+    task_datasets = [*base_datasets, dataset_uri]
+    matrix = build_accuracy_matrix(
+        settings,
+        bundle_dir,
+        task_datasets,
+        heldout,
+        previous=previous,
+        fingerprints=[*base_fps, fingerprint] if len(base_fps) == len(base_datasets) else None,
+        limit=limit,
+    )
+    return matrix, task_datasets

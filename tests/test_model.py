@@ -196,3 +196,38 @@ def test_training_is_deterministic_under_a_seed():
     for k, v in outs[0][0].items():
         assert torch.equal(v, outs[1][0][k])
     assert any(torch.count_nonzero(v) for k, v in outs[0][0].items() if k.endswith("value")), "training moved V"
+
+
+def test_train_config_refuses_unknown_optimizers_and_non_positive_values():
+    with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
+        TrainConfig(optimizer="adam")
+    for bad in ({"lr": 0.0}, {"epochs": 0}, {"batch_size": 0}):
+        with pytest.raises(ValueError, match="must be positive"):
+            TrainConfig(**bad)
+
+
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 5.0), ("adamw", 0.05)])
+def test_both_optimizers_train_only_the_new_task(optimizer, lr):
+    from diki_model.train import make_optimizer
+
+    model = create_diki_model("diki-test-tiny", seed=0)
+    xa, ya = quadrant_domain(64, 4, 1.0, seed=0)
+    cfg = TrainConfig(optimizer=optimizer, lr=lr, epochs=2, batch_size=32, seed=0, select_best=False)
+    task, result = learn_task(model, "quadrants", CLASSES_A, xa, ya, cfg=cfg, progress=False)
+    kind = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[optimizer]
+    assert isinstance(make_optimizer(model.adapter_parameters(task), cfg), kind)
+    values = [v for name, v in model.adapter_state_dict(task).items() if "value" in name]
+    assert values and any(v.abs().sum() > 0 for v in values), "V starts at zero and must have moved"
+    assert len(result.history) == 2
+
+
+def test_adapter_lr_is_the_shipped_backbones_measured_rate():
+    from diki_model import adapter_lr
+    from diki_model.backbone import CHECKPOINT_DIR, DEFAULT_ADAPTER_LR
+
+    recorded = json.loads((CHECKPOINT_DIR / "diki-small" / "adapter_training.json").read_text())
+    assert adapter_lr("diki-small") == recorded["lr"] > DEFAULT_ADAPTER_LR
+    # Other weights for the same config, or any other backbone: the authors' rate.
+    assert adapter_lr("diki-small", "/weights/other.safetensors") == DEFAULT_ADAPTER_LR == 5.0
+    assert adapter_lr("ViT-B-16", "openai") == DEFAULT_ADAPTER_LR
+    assert adapter_lr("diki-test-tiny") == DEFAULT_ADAPTER_LR

@@ -45,7 +45,7 @@ def test_defaults_are_embedded_under_dot_diki_and_create_nothing(tmp_path: Path)
     assert s.mlflow.artifact_location == str(home / "mlartifacts")
     assert s.mlflow.registry_model_name == "diki"
     assert s.ray.address is None
-    assert (s.train.workers, s.train.use_gpu, s.train.batch_size, s.train.lr) == (1, False, 128, 5.0)
+    assert (s.train.workers, s.train.use_gpu, s.train.batch_size, s.train.lr) == (1, False, 128, None)
     assert s.backbone.name == "diki-small"
     assert (s.serve.host, s.serve.port, s.serve.num_cpus, s.serve.api_key) == ("127.0.0.1", 8000, 0.5, None)
     assert s.pipeline.prefect_api_url is None

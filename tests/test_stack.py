@@ -18,29 +18,13 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from services.settings import STANDARD_ENV, Settings
+from services.settings import STANDARD_ENV, Settings, StackPorts
 from services.stack import ServiceSpec, Stack, StackContext, StackError, port_is_free, weed_mini_command
 from services.storage import open_storage
 from tests.conftest import free_ports
 
-PORT_NAMES = [
-    "s3",
-    "s3_grpc",
-    "master",
-    "master_grpc",
-    "volume",
-    "volume_grpc",
-    "filer",
-    "filer_grpc",
-    "admin",
-    "admin_grpc",
-    "mlflow",
-    "prefect",
-    "ray",
-    "ray_dashboard",
-    "ray_client",
-    "ray_dashboard_agent",
-]
+# Every port the stack binds: one free port each, so a test never meets a running stack.
+PORT_NAMES = list(StackPorts.model_fields)
 
 
 @pytest.fixture(autouse=True)

@@ -45,17 +45,20 @@ def stream(
     ),
     backbone: str = typer.Option("diki-small", help="open_clip model name, project config, or local-dir:PATH."),
     pretrained: str | None = typer.Option(None, help="open_clip pretrained tag or weights path."),
-    epochs: int = typer.Option(5, help="Epochs per task."),
+    epochs: int = typer.Option(10, help="Epochs per task (the authors' 10)."),
     batch_size: int = typer.Option(64, help="Training batch size."),
-    lr: float = typer.Option(5.0, help="Learning rate (SGD, as the authors)."),
-    train_limit: int | None = typer.Option(1000, help="At most this many training images per task."),
-    test_limit: int | None = typer.Option(400, help="At most this many test images per evaluation set."),
+    lr: float | None = typer.Option(
+        None,
+        help="SGD learning rate of the residual K/V (default: the backbone's measured rate, else 5 as the authors).",
+    ),
+    train_limit: int | None = typer.Option(600, help="At most this many training images per task."),
+    test_limit: int | None = typer.Option(200, help="At most this many test images per evaluation set."),
     extra_roles: str = typer.Option("heldout,pretrain", help="Roles of the extra evaluation sets (comma-separated)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu", help="cpu or cuda"),
 ) -> None:
     """Run a task stream, evaluate every set after every step, and report the paper's metrics."""
-    from diki_model import TrainConfig
+    from diki_model import TrainConfig, adapter_lr
     from diki_model.bench.offline import offline_stream
     from diki_model.bench.report import write_report
     from diki_model.bench.stream import StreamBenchmark
@@ -64,6 +67,7 @@ def stream(
     t0 = time.perf_counter()
     roles = [r.strip() for r in extra_roles.split(",") if r.strip()]
     stream_tasks, extras = offline_stream(data, order_arg, extra_roles=roles, seed=seed)
+    lr = lr if lr is not None else adapter_lr(backbone, pretrained)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     bench = StreamBenchmark(
@@ -98,19 +102,20 @@ def mtil(
     pretrained: str | None = typer.Option("openai", help="open_clip pretrained tag or weights path."),
     epochs: int = typer.Option(10),
     batch_size: int = typer.Option(128),
-    lr: float = typer.Option(5.0),
+    lr: float | None = typer.Option(None, help="SGD learning rate (default: the backbone's measured rate, else 5)."),
     workers: int = typer.Option(4, help="DataLoader workers."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cuda", help="cpu or cuda"),
 ) -> None:
     """The paper's MTIL protocol (11 datasets, orders I/II, full- or few-shot) on real data."""
-    from diki_model import TrainConfig
+    from diki_model import TrainConfig, adapter_lr
     from diki_model.bench.mtil import mtil_tasks
     from diki_model.bench.report import write_report
     from diki_model.bench.stream import StreamBenchmark
 
     t0 = time.perf_counter()
     tasks = mtil_tasks(data_root, order=order, shots=shots, seed=seed)
+    lr = lr if lr is not None else adapter_lr(backbone, pretrained)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     bench = StreamBenchmark(

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from pipelines.demo import DEMO_TASKS
+
 
 def register(app: typer.Typer) -> None:
     app.command("demo")(demo_command)
@@ -14,9 +16,7 @@ def register(app: typer.Typer) -> None:
 def demo_command(
     home: Path = typer.Option(Path(".diki/demo"), help="Where the demo keeps its storage, MLflow and results."),
     data: Path = typer.Option(Path(".diki/data"), help="Built offline domains (missing ones are built)."),
-    tasks: str = typer.Option(
-        ",".join(("faces", "fashion-inverted", "glyph-letters", "textures")), help="Demo tasks, dropped in this order."
-    ),
+    tasks: str = typer.Option(",".join(DEMO_TASKS), help="Demo tasks, dropped in this order."),
     epochs: int = typer.Option(3, help="Epochs per task."),
     port: int = typer.Option(8000, help="Port of the Serve endpoint on 127.0.0.1."),
     backbone: str = typer.Option("diki-small", help="Frozen backbone (the shipped small pre-trained one)."),
