@@ -62,6 +62,8 @@ def test_cli_writes_json_table_and_heatmaps(data_dir, tmp_path):
     payload = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in payload["summary"]] == ["zero-shot", "diki"]
     assert payload["meta"]["stream"] == ["faces", "textures"]
+    # No --lr: the backbone's measured rate; a random test backbone has none, so the authors' 5.
+    assert payload["meta"]["train_config"]["lr"] == 5.0 and "--lr 5.0" in payload["meta"]["command"]
     assert (out / "heatmap-diki.png").read_bytes()[:4] == b"\x89PNG"
     assert "| diki |" in (out / "summary.md").read_text()
     assert "Transfer" in result.output
