@@ -154,11 +154,13 @@ def adapter_lr(name: str, pretrained: str | None = None) -> float:
 
     The gradient that reaches K/V scales with the backbone's logit scale and activation sizes, so
     the authors' rate of 5 (ViT-B/16, logit scale 100) under-trains a small backbone by an order of
-    magnitude. A shipped checkpoint records its measured rate in ``adapter_training.json``; any
-    other backbone gets the authors' rate.
+    magnitude. A checkpoint folder (the shipped one, ``local-dir:PATH`` or a ``pretrained`` folder)
+    records its measured rate in ``adapter_training.json`` next to the weights; any other backbone
+    gets the authors' rate.
     """
-    if pretrained is None:
-        path = CHECKPOINT_DIR / name / ADAPTER_TRAINING_FILE
+    model_name, _ = _resolve(name, pretrained)
+    if model_name.startswith("local-dir:"):
+        path = Path(model_name.removeprefix("local-dir:")) / ADAPTER_TRAINING_FILE
         if path.is_file():
             return float(json.loads(path.read_text())["lr"])
     return DEFAULT_ADAPTER_LR

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diki_model.backbone import CONFIG_DIR, register_model_configs
+from diki_model.backbone import ADAPTER_TRAINING_FILE, CONFIG_DIR, register_model_configs
 from diki_model.data.format import decode_image, iter_records, read_manifest
 from diki_model.datasets.domains import DOMAINS, DomainSpec, build_domain, domains_with_role, get_domain
 
@@ -401,6 +401,8 @@ def pretrain(
     wall_start = time.perf_counter()
     result = train(cfg, data_dir, progress=progress, device=device)
     out = save_local_dir(result.model, model_config(cfg.model), out_dir, half=half)
+    # A learning rate measured for earlier weights in this folder does not hold for the new ones.
+    (out / ADAPTER_TRAINING_FILE).unlink(missing_ok=True)
     model, _, tokenizer = load_local_dir(out)
     torch.set_num_threads(cfg.threads)
     table = zero_shot_table(model, tokenizer, data_dir, cfg.eval_domains, cfg.eval_limit, cfg.data_seed)

@@ -9,8 +9,8 @@ travels as ``DIKI_CONFIG``) and reach the core services through the stack's clie
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from pipelines.watcher import watcher_service
 from services.stack import HOST, ServiceFactory, ServiceSpec, StackContext
 
 __all__ = ["STACK_SERVICES", "serve_service", "watcher_service"]
@@ -21,8 +21,21 @@ def serve_service(ctx: StackContext) -> ServiceSpec:
     port = ctx.settings.serve.port
     return ServiceSpec(
         name="serve",
-        command=[sys.executable, "-m", "pipelines.cli", "serve", "--host", HOST, "--port", str(port)],
+        # The stack owns its Ray head: on exit, Serve's HTTP proxy goes too, so the port is free for the next start.
+        command=[
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "serve",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--shutdown-serve-on-exit",
+        ],
         env=ctx.client_env,
+        # Relative paths in the settings mean what they mean where `diki stack up` ran.
+        cwd=Path.cwd(),
         port=port,
         health_url=f"http://{HOST}:{port}/readyz",
         url=f"http://{HOST}:{port}/docs",
@@ -30,6 +43,16 @@ def serve_service(ctx: StackContext) -> ServiceSpec:
         # The first start loads the backbone in a replica on the Ray head and warms it up.
         start_timeout_s=max(ctx.settings.stack.start_timeout_s, 240.0),
     )
+
+
+def watcher_service(ctx: StackContext) -> ServiceSpec:
+    """The served watcher deployment (``python -m pipelines.watcher --serve``).
+
+    Imported when called: the watcher module loads Prefect, which a CLI command must configure first.
+    """
+    from pipelines.watcher import watcher_service as watcher_spec
+
+    return watcher_spec(ctx)
 
 
 # Started in this order by `diki stack up` (the CLI), after the core services.

@@ -23,7 +23,8 @@ import logging
 import sys
 import threading
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from prefect import flow, task
@@ -190,8 +191,31 @@ def serve_watcher(settings: Settings, *, config: str | None = None, name: str = 
     )
 
 
+RUNNER_POLL_FRESH_S: Final = 90.0
+
+
+def runner_is_polling(deployment: dict[str, Any], now: datetime | None = None) -> bool:
+    """True when a runner serves the deployment now: Prefect marks it READY and it polled lately.
+
+    The deployment record outlives its runner (it stays in the server's database after ``stack
+    down``), so its mere existence says nothing about the process.
+    """
+    if deployment.get("status") != "READY":
+        return False
+    polled = deployment.get("last_polled")
+    if not polled:
+        return False
+    try:
+        when = datetime.fromisoformat(str(polled).replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return ((now or datetime.now(UTC)) - when).total_seconds() < RUNNER_POLL_FRESH_S
+
+
 def watcher_service(ctx: StackContext) -> ServiceSpec:
-    """The served watcher as a stack service (add ``"pipelines.watcher:watcher_service"`` to the extras)."""
+    """The served watcher as a stack service; ``diki stack up`` starts it (``pipelines.stack_services``)."""
     import httpx
 
     from services.stack import ServiceSpec
@@ -200,10 +224,10 @@ def watcher_service(ctx: StackContext) -> ServiceSpec:
 
     def deployed() -> bool:
         try:
-            url = f"{api}/deployments/name/{WATCH_FLOW}/{DEPLOYMENT}"
-            return httpx.get(url, timeout=2.0).is_success
+            response = httpx.get(f"{api}/deployments/name/{WATCH_FLOW}/{DEPLOYMENT}", timeout=2.0)
         except httpx.TransportError:
             return False
+        return response.is_success and runner_is_polling(response.json())
 
     return ServiceSpec(
         name="watcher",
@@ -212,6 +236,8 @@ def watcher_service(ctx: StackContext) -> ServiceSpec:
         health_check=deployed,
         url=f"{api.removesuffix('/api')}/deployments",
         wait_for=("s3", "mlflow", "prefect", "ray"),
+        # Relative paths in the settings mean what they mean where `diki stack up` ran.
+        cwd=Path.cwd(),
     )
 
 

@@ -297,6 +297,8 @@ class Stack:
             spec = factory(ctx)
             if not isinstance(spec, ServiceSpec):
                 raise StackError(f"service hook {factory!r} returned {type(spec).__name__}, not a ServiceSpec")
+            if any(s.name == spec.name and list(s.command) == list(spec.command) for s in specs):
+                continue  # the same service named twice (a settings hook and the CLI's own): start it once
             specs.append(spec)
         _check_unique(specs)
         return specs

@@ -87,6 +87,7 @@ __all__ = [
     "evaluate_new_version",
     "learn_dataset",
     "run_training_job",
+    "train_config",
 ]
 
 CURRENT: Final = "current"  # base version: the production version, else the latest one
@@ -794,12 +795,7 @@ def _run_job(
     use_gpu = settings.train.use_gpu if use_gpu is None else use_gpu
     if epochs is not None and epochs < 1:
         raise TrainingInputError(f"epochs must be >= 1, got {epochs}")
-    cfg = TrainConfig(
-        lr=settings.train.lr or adapter_lr(settings.backbone.name, settings.backbone.pretrained),
-        epochs=epochs or settings.train.epochs,
-        batch_size=settings.train.batch_size,
-        seed=settings.train.seed,
-    )
+    cfg = train_config(settings, epochs)
     base = _resolve_base(settings, base_version)
     run_name = f"train-{manifest.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     base_files: dict[str, bytes] = {}
@@ -1067,3 +1063,14 @@ def evaluate_new_version(
         limit=limit,
     )
     return matrix, task_datasets
+
+
+def train_config(settings: Settings, epochs: int | None = None) -> TrainConfig:
+    """The TrainConfig of a job: ``settings.train``, with the backbone's measured rate when ``train.lr`` is unset."""
+    train = settings.train
+    return TrainConfig(
+        lr=train.lr if train.lr is not None else adapter_lr(settings.backbone.name, settings.backbone.pretrained),
+        epochs=epochs or train.epochs,
+        batch_size=train.batch_size,
+        seed=train.seed,
+    )

@@ -207,18 +207,27 @@ def test_train_config_refuses_unknown_optimizers_and_non_positive_values():
 
 
 @pytest.mark.parametrize("optimizer,lr", [("sgd", 5.0), ("adamw", 0.05)])
-def test_both_optimizers_train_only_the_new_task(optimizer, lr):
-    from diki_model.train import make_optimizer
+def test_training_steps_with_the_configured_optimizer(optimizer, lr, monkeypatch):
+    kind = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[optimizer]
+    steps = {"sgd": 0, "adamw": 0}
+    for name, cls in (("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)):
+        original = cls.step
 
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            steps[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "step", counted)
     model = create_diki_model("diki-test-tiny", seed=0)
     xa, ya = quadrant_domain(64, 4, 1.0, seed=0)
     cfg = TrainConfig(optimizer=optimizer, lr=lr, epochs=2, batch_size=32, seed=0, select_best=False)
     task, result = learn_task(model, "quadrants", CLASSES_A, xa, ya, cfg=cfg, progress=False)
-    kind = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[optimizer]
-    assert isinstance(make_optimizer(model.adapter_parameters(task), cfg), kind)
+    other = "sgd" if optimizer == "adamw" else "adamw"
+    # 58 training images (6 held out for validation): 2 batches per epoch, 2 epochs.
+    assert steps[optimizer] == 4 and steps[other] == 0, steps
+    assert issubclass(kind, torch.optim.Optimizer) and len(result.history) == 2
     values = [v for name, v in model.adapter_state_dict(task).items() if "value" in name]
     assert values and any(v.abs().sum() > 0 for v in values), "V starts at zero and must have moved"
-    assert len(result.history) == 2
 
 
 def test_adapter_lr_is_the_shipped_backbones_measured_rate():
@@ -231,3 +240,15 @@ def test_adapter_lr_is_the_shipped_backbones_measured_rate():
     assert adapter_lr("diki-small", "/weights/other.safetensors") == DEFAULT_ADAPTER_LR == 5.0
     assert adapter_lr("ViT-B-16", "openai") == DEFAULT_ADAPTER_LR
     assert adapter_lr("diki-test-tiny") == DEFAULT_ADAPTER_LR
+
+
+def test_adapter_lr_is_read_next_to_local_weights_and_pretraining_drops_a_stale_one(tmp_path):
+    from diki_model import adapter_lr
+    from diki_model.backbone import ADAPTER_TRAINING_FILE, DEFAULT_ADAPTER_LR
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    assert adapter_lr(f"local-dir:{folder}") == DEFAULT_ADAPTER_LR
+    (folder / ADAPTER_TRAINING_FILE).write_text(json.dumps({"lr": 12.5}))
+    assert adapter_lr(f"local-dir:{folder}") == 12.5
+    assert adapter_lr("diki-small", str(folder)) == 12.5  # a pretrained folder is a local-dir

@@ -120,6 +120,9 @@ def test_training_is_deterministic_under_a_seed(tiny_data):
 
 def test_pretrain_writes_a_loadable_local_dir_checkpoint(tiny_data, tmp_path):
     out = tmp_path / "ckpt"
+    out.mkdir()
+    # A rate measured for earlier weights in the folder must not outlive them.
+    (out / "adapter_training.json").write_text('{"lr": 99.0}')
     recipe = pretrain(
         tiny_config(), tiny_data, out, command="diki data pretrain --model diki-test-tiny", progress=False
     )

@@ -123,6 +123,32 @@ def test_the_product_services_join_the_stack(tmp_path: Path) -> None:
     assert all(secret not in " ".join(spec.command) for spec in specs)
 
 
+def test_a_service_named_twice_in_the_same_way_starts_once(tmp_path: Path) -> None:
+    """A settings hook naming the watcher, as older docs said, next to the CLI's own watcher."""
+    from pipelines.stack_services import STACK_SERVICES
+
+    settings = stack_settings(tmp_path)
+    settings.stack.extra_services = ["pipelines.watcher:watcher_service"]
+    names = [s.name for s in Stack(settings, extra_services=STACK_SERVICES).services()]
+    assert names == ["s3", "mlflow", "prefect", "ray", "watcher", "serve"]
+
+
+def test_the_watcher_is_healthy_only_while_a_runner_polls() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from pipelines.watcher import runner_is_polling
+
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    fresh = (now - timedelta(seconds=5)).isoformat()
+    assert runner_is_polling({"status": "READY", "last_polled": fresh}, now)
+    assert runner_is_polling({"status": "READY", "last_polled": fresh.replace("+00:00", "Z")}, now)
+    # The record of a stopped runner: it stays in the database, stale or marked not ready.
+    assert not runner_is_polling({"status": "READY", "last_polled": (now - timedelta(hours=1)).isoformat()}, now)
+    assert not runner_is_polling({"status": "NOT_READY", "last_polled": fresh}, now)
+    assert not runner_is_polling({"status": "READY", "last_polled": None}, now)
+    assert not runner_is_polling({}, now)
+
+
 def test_duplicate_names_and_ports_are_refused(tmp_path: Path) -> None:
     settings = stack_settings(tmp_path)
     clash = settings.stack.ports.mlflow
@@ -307,11 +333,12 @@ def test_stack_learns_a_pushed_dataset_and_serves_it(
     import yaml
 
     from pipelines.cli import app
+    from pipelines.stack_services import STACK_SERVICES
     from services.serving.client import ServingClient
     from tests.test_training import QUADS, make_dataset, png_records
 
-    ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True))
-    serve_port = free_ports(1)[0]
+    *stack_ports, serve_port = free_ports(len(PORT_NAMES) + 1)
+    ports = dict(zip(PORT_NAMES, stack_ports, strict=True))
     config = tmp_path / "stack.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -334,7 +361,9 @@ def test_stack_learns_a_pushed_dataset_and_serves_it(
         )
     )
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("DIKI_CONFIG", str(config))  # `stack up --config` exports it for its services
+    # Unset for this process (an empty value is ignored) and restored afterwards: `stack up --config`
+    # must export it, or the serve and watcher services would not find this file's ports and backbone.
+    monkeypatch.setenv("DIKI_CONFIG", "")
     runner = CliRunner()
     settings = Settings.load(config)
     timings: dict[str, float] = {}
@@ -343,8 +372,9 @@ def test_stack_learns_a_pushed_dataset_and_serves_it(
         up = runner.invoke(app, ["stack", "up", "--config", str(config)], catch_exceptions=False)
         timings["up"] = time.monotonic() - t0
         assert up.exit_code == 0, up.output
-        rows = {s.name: s for s in Stack(settings).status() if s.name in ("serve", "watcher")}
-        assert set(rows) == {"serve", "watcher"} and all(r.running for r in rows.values()), up.output
+        rows = {s.name: s for s in Stack(settings, extra_services=STACK_SERVICES).status()}
+        assert list(rows) == ["s3", "mlflow", "prefect", "ray", "serve", "watcher"]
+        assert all(r.running and r.healthy for r in rows.values()), rows
         assert f"http://127.0.0.1:{serve_port}/docs" in up.output.replace("\n", "")
 
         # A client points at the stack with stack.env, as the README says.

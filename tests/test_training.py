@@ -438,3 +438,14 @@ def _stop_group(proc: subprocess.Popen[bytes]) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=10)
+
+
+def test_a_job_trains_at_the_backbones_measured_rate_unless_a_rate_is_set(tmp_path: Path) -> None:
+    from diki_model import adapter_lr
+    from services.training import train_config
+
+    shipped = train_config(make_settings(tmp_path, backbone={"name": "diki-small"}))
+    assert shipped.lr == adapter_lr("diki-small") == 50.0
+    assert train_config(make_settings(tmp_path)).lr == 5.0  # a random test backbone: the authors' rate
+    explicit = train_config(make_settings(tmp_path, backbone={"name": "diki-small"}, train={"lr": 2.0}), epochs=3)
+    assert (explicit.lr, explicit.epochs, explicit.batch_size) == (2.0, 3, 16)

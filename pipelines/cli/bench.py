@@ -45,10 +45,11 @@ def stream(
     ),
     backbone: str = typer.Option("diki-small", help="open_clip model name, project config, or local-dir:PATH."),
     pretrained: str | None = typer.Option(None, help="open_clip pretrained tag or weights path."),
-    epochs: int = typer.Option(10, help="Epochs per task (the authors' 10)."),
-    batch_size: int = typer.Option(64, help="Training batch size."),
+    epochs: int = typer.Option(10, min=1, help="Epochs per task (the authors' 10)."),
+    batch_size: int = typer.Option(64, min=1, help="Training batch size."),
     lr: float | None = typer.Option(
         None,
+        min=1e-9,
         help="SGD learning rate of the residual K/V (default: the backbone's measured rate, else 5 as the authors).",
     ),
     train_limit: int | None = typer.Option(600, help="At most this many training images per task."),
@@ -100,9 +101,11 @@ def mtil(
     methods: str = typer.Option("zero-shot,diki,diki-paper,true-task"),
     backbone: str = typer.Option("ViT-B-16"),
     pretrained: str | None = typer.Option("openai", help="open_clip pretrained tag or weights path."),
-    epochs: int = typer.Option(10),
-    batch_size: int = typer.Option(128),
-    lr: float | None = typer.Option(None, help="SGD learning rate (default: the backbone's measured rate, else 5)."),
+    epochs: int = typer.Option(10, min=1),
+    batch_size: int = typer.Option(128, min=1),
+    lr: float | None = typer.Option(
+        None, min=1e-9, help="SGD learning rate (default: the backbone's measured rate, else 5)."
+    ),
     workers: int = typer.Option(4, help="DataLoader workers."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cuda", help="cpu or cuda"),

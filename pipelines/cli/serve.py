@@ -35,6 +35,13 @@ def serve_command(
         int | None, typer.Option(min=1, help="Replicas (default: settings serve.num_replicas).")
     ] = None,
     gpus: Annotated[float, typer.Option(min=0, help="GPUs per replica (0: CPU).")] = 0.0,
+    shutdown_serve_on_exit: Annotated[
+        bool,
+        typer.Option(
+            help="With ray.address: shut Ray Serve down on exit (HTTP proxy included, so the port is freed), "
+            "not just remove the app. For a cluster this command owns, as in `diki stack up`."
+        ),
+    ] = False,
     high_throughput: Annotated[
         bool,
         typer.Option(
@@ -110,7 +117,7 @@ def serve_command(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         try:
-            if connection.embedded:
+            if connection.embedded or shutdown_serve_on_exit:
                 serve.shutdown()
             else:
                 serve.delete(APP_NAME)
