@@ -29,6 +29,7 @@ matrix), track the run in MLflow, register the bundle as a new version (``candid
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -36,7 +37,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -361,10 +362,8 @@ class _WorkerData:
         caching, used = True, 0
         self.num_train = self.num_val = 0
 
-        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        def items() -> Iterator[tuple[torch.Tensor, int]]:
             nonlocal caching, used
-            xs: list[torch.Tensor] = []
-            ys: list[int] = []
             for is_val, x, y in self.records():
                 if is_val:
                     self.num_val += 1
@@ -379,13 +378,10 @@ class _WorkerData:
                         part = "val" if is_val else "train"
                         cache[f"{part}_x"].append(x)
                         cache[f"{part}_y"].append(y)
-                xs.append(x)
-                ys.append(y)
-                if len(xs) == 64:
-                    yield torch.stack(xs), torch.tensor(ys)
-                    xs, ys = [], []
-            if xs:
-                yield torch.stack(xs), torch.tensor(ys)
+                yield x, y
+
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            return _batched(items(), 64)
 
         stats = None
         if model is not None:
@@ -423,33 +419,21 @@ class _WorkerData:
     def _stream_batches(
         self, gen: torch.Generator, batch: int, steps: int
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        buffer_size = max(4 * batch, 256)
-        buffer: list[tuple[torch.Tensor, int]] = []
-        out: list[tuple[torch.Tensor, int]] = []
-        emitted = 0
-        while emitted < steps:
+        return itertools.islice(_batched(self._shuffled_records(gen, max(4 * batch, 256)), batch, whole=True), steps)
+
+    def _shuffled_records(self, gen: torch.Generator, buffer_size: int) -> Iterator[tuple[torch.Tensor, int]]:
+        """Training records without end: shards in a new order each pass, through a shuffle buffer."""
+        while True:
+            buffer: list[tuple[torch.Tensor, int]] = []
             order = [self.shards[int(i)] for i in torch.randperm(len(self.shards), generator=gen)]
             for is_val, x, y in self.records(order):
                 if is_val:
                     continue
                 buffer.append((x, y))
-                if len(buffer) < buffer_size:
-                    continue
-                out.append(buffer.pop(int(torch.randint(len(buffer), (1,), generator=gen))))
-                if len(out) == batch:
-                    yield torch.stack([o[0] for o in out]), torch.tensor([o[1] for o in out])
-                    out, emitted = [], emitted + 1
-                    if emitted == steps:
-                        return
+                if len(buffer) >= buffer_size:
+                    yield buffer.pop(int(torch.randint(len(buffer), (1,), generator=gen)))
             perm = torch.randperm(len(buffer), generator=gen).tolist()
-            rest, buffer = [buffer[i] for i in perm], []
-            for item in rest:
-                out.append(item)
-                if len(out) == batch:
-                    yield torch.stack([o[0] for o in out]), torch.tensor([o[1] for o in out])
-                    out, emitted = [], emitted + 1
-                    if emitted == steps:
-                        return
+            yield from (buffer[i] for i in perm)
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.cache is not None:
@@ -457,17 +441,23 @@ class _WorkerData:
             for s in range(0, len(y), 256):
                 yield x[s : s + 256], y[s : s + 256]
             return
-        xs: list[torch.Tensor] = []
-        ys: list[int] = []
-        for is_val, x, y in self.records():
-            if is_val:
-                xs.append(x)
-                ys.append(y)
-                if len(xs) == 256:
-                    yield torch.stack(xs), torch.tensor(ys)
-                    xs, ys = [], []
-        if xs:
+        yield from _batched(((x, y) for is_val, x, y in self.records() if is_val), 256)
+
+
+def _batched(
+    items: Iterable[tuple[torch.Tensor, int]], size: int, whole: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Stack (image, label) items into batches of ``size``; the last one may be smaller unless ``whole``."""
+    xs: list[torch.Tensor] = []
+    ys: list[int] = []
+    for x, y in items:
+        xs.append(x)
+        ys.append(y)
+        if len(xs) == size:
             yield torch.stack(xs), torch.tensor(ys)
+            xs, ys = [], []
+    if xs and not whole:
+        yield torch.stack(xs), torch.tensor(ys)
 
 
 def _collective_device() -> torch.device:

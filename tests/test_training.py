@@ -449,3 +449,41 @@ def test_a_job_trains_at_the_backbones_measured_rate_unless_a_rate_is_set(tmp_pa
     assert train_config(make_settings(tmp_path)).lr == 5.0  # a random test backbone: the authors' rate
     explicit = train_config(make_settings(tmp_path, backbone={"name": "diki-small"}, train={"lr": 2.0}), epochs=3)
     assert (explicit.lr, explicit.epochs, explicit.batch_size) == (2.0, 3, 16)
+
+
+@pytest.mark.parametrize("world, rank", [(1, 0), (5, 3)])  # whole shards per worker; every world-th row
+def test_a_worker_streams_the_same_part_it_would_cache(tmp_path: Path, world: int, rank: int) -> None:
+    """Without room for a cache, a worker streams its Parquet part: the same training and validation
+    records as the cached path, exactly ``steps`` full batches per epoch, reshuffled per epoch."""
+    import pyarrow.fs as pafs
+
+    from services.training import _WorkerData
+
+    root = make_dataset(tmp_path / "q", "q", QUADS, background=60, seed=0, n_train=150, shard_rows=40)
+
+    def preprocess(image: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
+
+    def worker(cache_bytes: int) -> _WorkerData:
+        w = _WorkerData(pafs.LocalFileSystem(), root, rank, world, preprocess, 0.1, 3, cache_bytes)
+        w.scan(None)
+        return w
+
+    streamed, cached = worker(0), worker(1 << 30)
+    assert streamed.cache is None and cached.cache is not None
+    assert (streamed.num_train, streamed.num_val) == (cached.num_train, cached.num_val)
+
+    def rows(batches) -> list[bytes]:
+        return sorted(
+            bytes(x.numpy().tobytes()) + bytes([int(y)]) for xb, yb in batches for x, y in zip(xb, yb, strict=True)
+        )
+
+    assert rows(streamed.val_batches()) == rows(cached.val_batches())
+    assert len(rows(streamed.val_batches())) == streamed.num_val
+    steps, batch = 3, 8
+    epochs = [list(streamed.train_batches(batch, steps)(epoch)) for epoch in range(2)]
+    for batches in epochs:
+        assert len(batches) == steps and all(len(y) == batch for _, y in batches)
+    train_rows = set(rows(cached.train_batches(cached.num_train, 1)(0)))
+    assert set(rows(epochs[0])) <= train_rows and set(rows(epochs[1])) <= train_rows
+    assert rows(epochs[0]) != rows(epochs[1])  # a new shuffle each epoch
