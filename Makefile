@@ -62,3 +62,15 @@ stack-down: $(STAMP)
 
 clean:
 	rm -rf .diki runs
+
+# Mutation testing of the core library with its fast unit tests; not part of `make test` (tens of
+# minutes on 2 cores). What is mutated and which tests run: [tool.mutmut] in pyproject.toml.
+# Writes benchmarks/results/mutation.{json,md}; inspect with `$(BIN)/mutmut show NAME` or `browse`.
+MUTATE_JOBS ?= 2
+.PHONY: mutate
+mutate: $(STAMP)
+	@rm -rf mutants
+	@start=$$(date +%s); \
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTATE_JOBS); \
+	$(BIN)/python benchmarks/mutation_summary.py --wall-seconds $$(( $$(date +%s) - start )) \
+	  --command "make mutate (mutmut run --max-children $(MUTATE_JOBS))" --min-score 90

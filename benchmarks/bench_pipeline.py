@@ -43,7 +43,7 @@ STAGES = [
     ("trained", "train (Ray Train job) + keep bundle"),
     ("evaluated", "evaluate (accuracy matrix)"),
     ("registered", "track + register (MLflow)"),
-    ("gated", "gate + promote"),
+    ("applied", "decide promotion + move aliases"),
     ("done", "reload Serve"),
 ]
 
@@ -90,8 +90,8 @@ def main() -> int:
 
     from diki_model.backbone import shipped_checkpoint
     from diki_model.datasets import build_domain
-    from pipelines import flows
-    from pipelines.state import StateStore
+    from pipelines.learning import serve_url
+    from pipelines.state import StateStore, add_stage_hook
     from pipelines.watcher import watch_incoming
     from services.evaluation import HELDOUT_PREFIX
     from services.ray_runtime import ensure_ray
@@ -119,7 +119,7 @@ def main() -> int:
         route_prefix="/",
         blocking=False,
     )
-    url = flows.serve_url(settings)
+    url = serve_url(settings)
     with ServingClient(url) as client:
         client.wait_ready(300)
     watch_incoming(config=str(config_path))  # an empty pass: the ephemeral API is up
@@ -130,7 +130,7 @@ def main() -> int:
     def stamp(record: Any) -> None:
         stamps.setdefault(record.stage.value, time.time())
 
-    flows.add_stage_hook(stamp)
+    add_stage_hook(stamp)
     load_before = os.getloadavg()
     print(f"dropping {args.domain} ...")
     t0 = time.time()

@@ -130,7 +130,7 @@ def ray_job(dataset: str, home: Path, backbone: str, cfg: TrainConfig, cache_mb:
         ray={"num_cpus": 2},
     )
     t0 = time.perf_counter()
-    job = run_training_job(settings, dataset, base_version=None, workers=1, cache_mb=cache_mb)
+    job = run_training_job(settings, dataset, workers=1, cache_mb=cache_mb)
     per_epoch = job.steps_per_epoch * job.batch_per_worker * job.workers
     rates = warm_rates(job.epoch_marks, per_epoch)
     return {

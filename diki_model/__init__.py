@@ -6,8 +6,6 @@ train one task at a time, save tasks as safetensors + JSON, and compute the cont
 metrics. Services and pipelines use it only through the names exported here.
 """
 
-__version__ = "0.1.0"
-
 from diki_model.adapters import Route, inject_residual_kv
 from diki_model.artifacts import ArtifactError, load_task, read_task_metadata, save_task
 from diki_model.backbone import (
@@ -39,6 +37,7 @@ from diki_model.train import (
     tensor_batches,
     train_task,
 )
+from diki_model.version import __version__  # noqa: F401 - the package version
 
 __all__ = [
     "ArtifactError",

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from diki_model.model import DikiCLIP
 from diki_model.stats import Gaussian
+from diki_model.version import __version__
 
 ADAPTER_FILE = "adapter.safetensors"
 META_FILE = "task.json"
@@ -33,8 +34,6 @@ class ArtifactError(ValueError):
 
 
 def library_version() -> str:
-    from diki_model import __version__
-
     return __version__
 
 

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diki_model.backbone import ADAPTER_TRAINING_FILE, CONFIG_DIR, register_model_configs
-from diki_model.data.format import decode_image, iter_records, read_manifest
+from diki_model.data.format import read_manifest
+from diki_model.data.reading import decode_image, iter_records
 from diki_model.datasets.domains import DOMAINS, DomainSpec, build_domain, domains_with_role, get_domain
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's defaults, written into every checkpoint
@@ -396,7 +397,7 @@ def pretrain(
     """
     import open_clip
 
-    from diki_model.data.format import dataset_fingerprint
+    from diki_model.data.validation import dataset_fingerprint
 
     wall_start = time.perf_counter()
     result = train(cfg, data_dir, progress=progress, device=device)

@@ -9,7 +9,7 @@ Layout under the storage root (prefixes from ``settings.storage``)::
                                         records this location for every later evaluation)
     artifacts/pipeline/state/<name>.json   the state record of the latest drop named <name>
     artifacts/pipeline/runs/<fingerprint>/ the trained bundle and the accuracy matrix of that dataset
-    artifacts/pipeline/learning.lock       who is learning now (a lease)
+    artifacts/pipeline/learning.lock       who is learning now (:mod:`services.lock`)
 
 Every record write is one atomic object write (a temp file renamed on a local root, one PUT on S3),
 so a reader sees the previous record or the next one, never a mix.
@@ -18,11 +18,7 @@ so a reader sees the previous record or the next one, never a mix.
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import threading
-import time
-import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -39,12 +35,12 @@ __all__ = [
     "DatasetRecord",
     "DatasetStatus",
     "Drop",
-    "LockHolder",
     "Stage",
+    "StageHook",
     "StateStore",
-    "StorageLock",
     "ERROR_REPORT",
     "accepted_prefix",
+    "add_stage_hook",
     "drop_info",
     "overview",
     "pipeline_prefix",
@@ -67,8 +63,8 @@ class Stage(StrEnum):
     EVALUATED = "evaluated"  # the accuracy matrix is in storage
     TRACKING = "tracking"  # an MLflow run exists (run_id) for the registration
     REGISTERED = "registered"  # a registry version holds the dataset's task
-    GATING = "gating"  # the gate's decision is recorded; aliases are being applied
-    GATED = "gated"  # candidate (and production when it passed) point at the version
+    DECIDED = "decided"  # the promotion decision is recorded; aliases are being moved
+    APPLIED = "applied"  # candidate (and production when it passed) point at the version
     DONE = "done"  # finished; the Serve deployment was told to reload when it runs
     QUARANTINING = "quarantining"  # failed; being moved to quarantine/<name>/ with its report
     DUPLICATE = "duplicate"  # the same content was learned before: nothing new was made
@@ -78,6 +74,20 @@ class Stage(StrEnum):
 
 TERMINAL_STAGES: Final = frozenset({Stage.DONE, Stage.DUPLICATE, Stage.QUARANTINED, Stage.FAILED})
 ACTIVE_STAGES: Final = tuple(s for s in Stage if s not in TERMINAL_STAGES)
+# Stage names written by earlier releases, read as today's.
+_RENAMED_STAGES: Final = {"gating": Stage.DECIDED, "gated": Stage.APPLIED}
+
+StageHook = Callable[["DatasetRecord"], None]
+_hooks: list[StageHook] = []
+
+
+def add_stage_hook(hook: StageHook) -> None:
+    """Call ``hook(record)`` each time a dataset's record advances to a stage (a stage completed).
+
+    For timings, notifications and tests (which stop the process at a precise stage); a hook that
+    raises is logged and ignored.
+    """
+    _hooks.append(hook)
 
 
 def _now() -> str:
@@ -104,6 +114,8 @@ class DatasetRecord:
     drop: dict[str, Any] = field(default_factory=dict)  # the marker seen: {"time": unix s, "content": {...}}
     fingerprint: str | None = None
     task_name: str | None = None  # the manifest's name: the task's name in the model
+    num_train: int | None = None  # training and test images, as validation counted them
+    num_test: int | None = None
     attempts: int = 0  # failed flow runs of this drop so far
     error: str | None = None  # the last error (transient or final)
     report: str | None = None  # quarantine report, relative to the storage root
@@ -111,6 +123,7 @@ class DatasetRecord:
     error_report: str | None = None  # the Markdown written to _ERROR.md (kept until it is written)
     dataset_uri: str | None = None  # the accepted dataset, as training and the registry name it
     job: dict[str, Any] | None = None  # TrainJobResult.to_dict()
+    base_version: int | None = None  # the version the new task extends (None: the bare backbone)
     bundle: str | None = None  # the trained bundle folder in storage
     matrix: str | None = None  # the accuracy matrix JSON in storage
     task_datasets: list[str] | None = None  # dataset URI of every task of the new version, in order
@@ -139,7 +152,7 @@ class DatasetRecord:
         known = {f.name for f in fields(cls)}
         try:
             values = {k: v for k, v in data.items() if k in known}
-            values["stage"] = Stage(values["stage"])
+            values["stage"] = _RENAMED_STAGES.get(values["stage"]) or Stage(values["stage"])
             record = cls(**values)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{where} is not a pipeline state record: {exc}") from None
@@ -181,8 +194,12 @@ class StateStore:
 
     def put(self, record: DatasetRecord) -> DatasetRecord:
         record.updated_at = _now()
-        self.storage.put_json(self.path(record.name), record.to_dict())
+        self.write(record)
         return record
+
+    def write(self, record: DatasetRecord) -> None:
+        """One atomic object write of the record."""
+        self.storage.put_json(self.path(record.name), record.to_dict())
 
     def advance(self, record: DatasetRecord, stage: Stage, note: str | None = None, **changes: Any) -> DatasetRecord:
         """Set ``stage`` (and the fields given), append it to the history, and write the record."""
@@ -195,7 +212,13 @@ class StateStore:
         if note:
             entry["note"] = note
         record.history.append(entry)
-        return self.put(record)
+        record = self.put(record)
+        for hook in list(_hooks):
+            try:
+                hook(record)
+            except Exception:  # noqa: BLE001 - a hook never breaks learning
+                log.exception("stage hook %r failed", hook)
+        return record
 
     def delete(self, name: str) -> None:
         self.storage.delete_tree(self.path(name))
@@ -273,159 +296,6 @@ def drop_info(storage: Storage, settings: Settings, name: str) -> Drop:
     return Drop(name, rel, True, mtime, marker=_marker_content(storage, marker))
 
 
-# --- the learning lock -------------------------------------------------------------------------
-
-
-@dataclass
-class LockHolder:
-    """Who holds the learning lock, as written in the lock file."""
-
-    owner: str
-    host: str
-    pid: int
-    purpose: str
-    acquired_at: float
-    expires_at: float
-
-    def describe(self) -> str:
-        since = datetime.fromtimestamp(self.acquired_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-        return f"pid {self.pid} on {self.host} ({self.purpose}) since {since}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed process that its parent has not reaped yet
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-class StorageLock:
-    """A lease in object storage: at most one process learns at a time, across machines and Prefect servers.
-
-    Acquiring writes ``{owner, host, pid, expires_at}`` when the lock is free, waits ``settle_s`` and reads
-    it back: of two processes that raced, the one whose write landed last keeps it and the other backs off
-    (``settle_s`` must exceed the gap between one's read and its write, milliseconds). A background
-    thread renews the lease every ``ttl_s / 4``. A lock is free when absent, when its lease expired
-    (its holder stopped renewing), or at once when its holder ran on this host and that process is gone.
-    """
-
-    def __init__(
-        self,
-        storage: Storage,
-        settings: Settings,
-        *,
-        purpose: str = "learning",
-        ttl_s: float = 120.0,
-        settle_s: float | None = None,
-    ) -> None:
-        self.storage = storage
-        self.rel = pipeline_prefix(settings, "learning.lock")
-        self.purpose = purpose
-        self.ttl_s = ttl_s
-        self.settle_s = settle_s if settle_s is not None else (0.1 if storage.is_local else 0.5)
-        self.owner = uuid.uuid4().hex
-        self.host = socket.gethostname()
-        self.lost = False
-        self._held = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> StorageLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    @property
-    def held(self) -> bool:
-        return self._held and not self.lost
-
-    def holder(self) -> LockHolder | None:
-        """The current holder, or None when the lock is free (absent, expired, or its process is gone)."""
-        current = self._read()
-        return None if current is None or self._stale(current) else current
-
-    def acquire(self, wait_s: float = 0.0, poll_s: float = 1.0) -> bool:
-        """Take the lock, waiting up to ``wait_s`` seconds for its holder to finish. True when taken."""
-        if self._held:
-            return True
-        deadline = time.monotonic() + wait_s
-        while True:
-            if self._try_once():
-                self._held, self.lost = True, False
-                self._stop.clear()
-                self._thread = threading.Thread(target=self._renew_loop, name="diki-lock-renewal", daemon=True)
-                self._thread.start()
-                return True
-            if time.monotonic() + poll_s > deadline:
-                return False
-            time.sleep(poll_s)
-
-    def release(self) -> None:
-        if not self._held:
-            return
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._held = False
-        current = self._read()
-        if current is not None and current.owner == self.owner:
-            self.storage.delete_tree(self.rel)
-
-    def _record(self) -> LockHolder:
-        now = time.time()
-        return LockHolder(self.owner, self.host, os.getpid(), self.purpose, now, now + self.ttl_s)
-
-    def _read(self) -> LockHolder | None:
-        if not self.storage.is_file(self.rel):
-            return None
-        try:
-            data = self.storage.get_json(self.rel)
-            return LockHolder(**{f.name: data[f.name] for f in fields(LockHolder)})
-        except FileNotFoundError:
-            return None
-        except (ValueError, KeyError, TypeError):
-            log.warning("learning lock %s is unreadable; treating it as free", self.storage.uri(self.rel))
-            return None
-
-    def _stale(self, holder: LockHolder) -> bool:
-        if holder.expires_at < time.time():
-            return True
-        return holder.host == self.host and holder.pid != os.getpid() and not _pid_alive(holder.pid)
-
-    def _try_once(self) -> bool:
-        current = self._read()
-        if current is not None and current.owner != self.owner and not self._stale(current):
-            return False
-        if current is not None and current.owner != self.owner:
-            log.warning("taking over the learning lock: its holder, %s, is gone", current.describe())
-        mine = self._record()
-        self.storage.put_json(self.rel, asdict(mine))
-        time.sleep(self.settle_s)
-        after = self._read()
-        return after is not None and after.owner == self.owner
-
-    def _renew_loop(self) -> None:
-        while not self._stop.wait(self.ttl_s / 4):
-            try:
-                current = self._read()
-                if current is None or current.owner != self.owner:
-                    self.lost = True
-                    log.error("the learning lock %s was taken by another process", self.storage.uri(self.rel))
-                    return
-                current.expires_at = time.time() + self.ttl_s
-                self.storage.put_json(self.rel, asdict(current))
-            except OSError as exc:  # transient: try again at the next renewal
-                log.warning("cannot renew the learning lock: %s", exc)
-
-
 # --- what `diki datasets` shows ----------------------------------------------------------------
 
 
@@ -478,12 +348,13 @@ class _RegistryView:
         info = self.versions.get(version) if version is not None else None
         if info is None:
             return "registered", f"version {version} is no longer in the registry"
-        refused = (decision is not None and not decision.get("ok", True)) or info.tags.get("gate") == "refused"
+        verdict = info.tags.get("promotion", info.tags.get("gate"))  # "gate": tag name of earlier releases
+        refused = (decision is not None and not decision.get("ok", True)) or verdict == "refused"
         if refused:
             reasons = (decision or {}).get("reasons") or []
             why = next((r for r in reasons if r.startswith(("task ", "zero-shot retention on"))), None)
-            why = why or (reasons[0] if reasons else "see the version's gate_reasons tag")
-            return "candidate", f"registered as candidate {version} (gate refused: {why})"
+            why = why or (reasons[0] if reasons else "see the version's promotion_reasons tag")
+            return "candidate", f"registered as candidate {version} (promotion refused: {why})"
         current = f"production is version {self.production}" if self.production is not None else "no production"
         return "registered", f"registered as version {version}, not served ({current})"
 
@@ -493,13 +364,14 @@ def overview(settings: Settings, storage: Storage | None = None) -> list[Dataset
 
     One row per record (the latest drop of a name) plus a row for each new drop waiting in incoming/.
     """
+    from services.lock import LearningLock
     from services.storage import open_storage
 
     storage = storage or open_storage(settings)
     store = StateStore(storage, settings)
     records = {r.name: r for r in store.all()}
     drops = scan_incoming(storage, settings)
-    holder = StorageLock(storage, settings).holder()
+    holder = LearningLock(storage, settings).holder()
     registry = _RegistryView(settings) if any(r.version is not None for r in records.values()) else None
     rows: list[DatasetStatus] = []
     marker = settings.storage.success_marker

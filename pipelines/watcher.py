@@ -13,7 +13,8 @@ Two ways to run it:
   ``--once`` does one pass;
 - with a Prefect server (the local stack): ``python -m pipelines.watcher --serve`` runs
   :func:`serve_watcher`, a served deployment ``diki-watch-incoming/diki-watcher`` with an interval
-  schedule, visible and triggerable in the Prefect UI. :func:`watcher_service` is its stack service.
+  schedule, visible and triggerable in the Prefect UI. Its stack service is
+  :func:`services.stack.product.watcher_service`.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ import logging
 import sys
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from datetime import timedelta
+from typing import Any, Final
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -33,10 +33,9 @@ from prefect.cache_policies import NO_CACHE
 from pipelines.flows import learn_dataset_flow, load_flow_settings
 from pipelines.state import StateStore, scan_incoming
 from services.settings import Settings
+from services.stack.product import WATCH_DEPLOYMENT
+from services.stack.product import WATCH_FLOW as WATCH_FLOW_NAME
 from services.storage import Storage, open_storage
-
-if TYPE_CHECKING:
-    from services.stack import ServiceSpec, StackContext
 
 __all__ = [
     "DEPLOYMENT",
@@ -46,13 +45,13 @@ __all__ = [
     "run_watcher",
     "serve_watcher",
     "watch_incoming",
-    "watcher_service",
 ]
 
 log = logging.getLogger(__name__)
 
-WATCH_FLOW: Final = "diki-watch-incoming"
-DEPLOYMENT: Final = "diki-watcher"
+# The stack's health check asks the Prefect server for this deployment: one pair of names for both.
+WATCH_FLOW: Final = WATCH_FLOW_NAME
+DEPLOYMENT: Final = WATCH_DEPLOYMENT
 
 
 def pending_datasets(settings: Settings, storage: Storage | None = None) -> list[str]:
@@ -188,56 +187,6 @@ def serve_watcher(settings: Settings, *, config: str | None = None, name: str = 
         # Runs import `pipelines.watcher` by module name, so the runner's working folder does not matter.
         entrypoint_type=EntrypointType.MODULE_PATH,
         print_starting_message=True,
-    )
-
-
-RUNNER_POLL_FRESH_S: Final = 90.0
-
-
-def runner_is_polling(deployment: dict[str, Any], now: datetime | None = None) -> bool:
-    """True when a runner serves the deployment now: Prefect marks it READY and it polled lately.
-
-    The deployment record outlives its runner (it stays in the server's database after ``stack
-    down``), so its mere existence says nothing about the process.
-    """
-    if deployment.get("status") != "READY":
-        return False
-    polled = deployment.get("last_polled")
-    if not polled:
-        return False
-    try:
-        when = datetime.fromisoformat(str(polled).replace("Z", "+00:00"))
-    except ValueError:
-        return False
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return ((now or datetime.now(UTC)) - when).total_seconds() < RUNNER_POLL_FRESH_S
-
-
-def watcher_service(ctx: StackContext) -> ServiceSpec:
-    """The served watcher as a stack service; ``diki stack up`` starts it (``pipelines.stack_services``)."""
-    import httpx
-
-    from services.stack import ServiceSpec
-
-    api = ctx.client_env["PREFECT_API_URL"]
-
-    def deployed() -> bool:
-        try:
-            response = httpx.get(f"{api}/deployments/name/{WATCH_FLOW}/{DEPLOYMENT}", timeout=2.0)
-        except httpx.TransportError:
-            return False
-        return response.is_success and runner_is_polling(response.json())
-
-    return ServiceSpec(
-        name="watcher",
-        command=[sys.executable, "-m", "pipelines.watcher", "--serve"],
-        env=ctx.client_env,
-        health_check=deployed,
-        url=f"{api.removesuffix('/api')}/deployments",
-        wait_for=("s3", "mlflow", "prefect", "ray"),
-        # Relative paths in the settings mean what they mean where `diki stack up` ran.
-        cwd=Path.cwd(),
     )
 
 

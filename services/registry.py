@@ -1,4 +1,4 @@
-"""The one place that talks to MLflow: experiment tracking, the model registry, and the promotion gate.
+"""The one place that talks to MLflow: experiment tracking, the model registry, and its aliases.
 
 Layout in MLflow:
 
@@ -9,7 +9,8 @@ Layout in MLflow:
   (its source is the run's ``bundle/`` artifact folder), version tags name its ordered tasks and
   their dataset fingerprints. A new version holds exactly one task more than the version it
   extends (its ``base_version`` tag).
-- Aliases ``candidate`` (the newest version that was gated) and ``production`` (what is served).
+- Aliases ``candidate`` (the newest version whose promotion was decided) and ``production`` (what is
+  served). The promotion policy itself is :mod:`services.promotion`.
   Every alias move is recorded in a registered-model tag ``<alias>_history`` (JSON list), which
   ``rollback`` walks back.
 
@@ -25,28 +26,27 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diki_model import read_bundle_manifest
-from services.evaluation import AccuracyMatrix
-from services.settings import PromotionSettings, Settings
+from services.accuracy import AccuracyMatrix
+from services.settings import Settings
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from services.training import TrainJobResult
+    from services.promotion import PromotionDecision
 
 __all__ = [
     "ALIASES",
-    "GateDecision",
     "Registry",
     "RegistryError",
     "VersionInfo",
     "code_version",
-    "promotion_gate",
 ]
 
 ALIASES = ("candidate", "production")
@@ -59,8 +59,8 @@ TAG_DATASETS = "datasets"
 TAG_FINGERPRINT = "dataset_fingerprint"
 TAG_TASK = "task"
 TAG_BASE = "base_version"
-TAG_GATE = "gate"
-TAG_GATE_REASONS = "gate_reasons"
+TAG_PROMOTION = "promotion"  # "passed" or "refused"
+TAG_PROMOTION_REASONS = "promotion_reasons"  # JSON list of the decision's reasons
 SYSTEM_TAGS = (TAG_TASKS, TAG_FINGERPRINTS, TAG_FINGERPRINT, TAG_TASK, TAG_BASE, "num_tasks", "backbone")
 
 
@@ -82,80 +82,6 @@ class VersionInfo:
     dataset_fingerprints: list[str] = field(default_factory=list)
     datasets: list[str] = field(default_factory=list)
     base_version: int | None = None
-
-
-@dataclass
-class GateDecision:
-    """The promotion gate's verdict: ``ok`` and why (reasons are kept even when it passes)."""
-
-    ok: bool
-    reasons: list[str]
-    checks: dict[str, Any] = field(default_factory=dict)
-
-
-# --- the gate ----------------------------------------------------------------------------------
-
-
-def promotion_gate(
-    prev_matrix: AccuracyMatrix | dict[str, Any] | None,
-    new_matrix: AccuracyMatrix | dict[str, Any],
-    promotion: PromotionSettings,
-) -> GateDecision:
-    """Decide whether a candidate may replace production.
-
-    - Backward: no task the production model knew (``prev_matrix``'s learned tasks; without one,
-      the candidate's own previous step) may lose more than ``promotion.max_task_drop`` of accuracy
-      (absolute, as a fraction: 0.02 = 2 points).
-    - Forward: on the held-out datasets the candidate must keep at least
-      ``promotion.min_zero_shot_retention`` of the frozen backbone's zero-shot accuracy (mean over
-      held-out datasets). Without held-out datasets this is not checked, and the reasons say so.
-    """
-    new = new_matrix if isinstance(new_matrix, AccuracyMatrix) else AccuracyMatrix.from_dict(new_matrix)
-    prev = prev_matrix if isinstance(prev_matrix, AccuracyMatrix | None) else AccuracyMatrix.from_dict(prev_matrix)
-    reasons: list[str] = []
-    failed = False
-    allowed = promotion.max_task_drop * 100.0
-    drops: dict[str, float] = {}
-    last = new.acc[-1]
-    if prev is not None and len(prev.rows) > 1:
-        reference = [(prev.columns[c], prev.acc[-1][c]) for c in prev.task_columns()]
-        against = "production"
-    elif len(new.rows) > 2:
-        reference = [(new.columns[c], new.acc[-2][c]) for c in new.task_columns()[: len(new.rows) - 2]]
-        against = "the previous step"
-    else:
-        reference, against = [], ""
-    for col, before in reference:
-        j = new.column(col.kind, col.fingerprint)
-        if j is None:
-            failed = True
-            reasons.append(f"task {col.name!r} of {against} is missing from the candidate's evaluation")
-            continue
-        drop = before - last[j]
-        drops[col.name] = drop
-        if drop > allowed + 1e-9:
-            failed = True
-            reasons.append(
-                f"task {col.name!r}: accuracy {before:.1f}% -> {last[j]:.1f}% "
-                f"(drop {drop:.1f} points > {allowed:.1f} allowed)"
-            )
-    if reference and not any(r.startswith("task ") for r in reasons):
-        worst = max(drops.values()) if drops else 0.0
-        reasons.append(f"earlier tasks kept: largest drop {worst:.1f} points vs {against} (<= {allowed:.1f} allowed)")
-    retention = new.zero_shot_retention()
-    if retention is None:
-        reasons.append("zero-shot retention not checked: no held-out dataset was evaluated")
-    elif retention + 1e-9 < promotion.min_zero_shot_retention:
-        failed = True
-        reasons.append(
-            f"zero-shot retention on held-out data {retention:.3f} < {promotion.min_zero_shot_retention:.3f} required"
-        )
-    else:
-        reasons.append(
-            f"zero-shot retention on held-out data {retention:.3f} >= {promotion.min_zero_shot_retention:.3f}"
-        )
-    checks = {"task_drops": drops, "max_task_drop_points": allowed, "zero_shot_retention": retention}
-    return GateDecision(ok=not failed, reasons=reasons, checks=checks)
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -251,59 +177,35 @@ class Registry:
     def end_run(self, run_id: str, ok: bool = True) -> None:
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
-    def log_training_run(
+    def log_run(
         self,
-        job: TrainJobResult,
-        matrix: AccuracyMatrix | None = None,
+        run_id: str,
+        params: dict[str, Any],
         *,
-        run_id: str | None = None,
-        extra_params: dict[str, Any] | None = None,
-    ) -> str:
-        """Record one learned task: parameters, per-epoch metrics, the accuracy matrix and its heatmap.
+        epochs: Sequence[dict[str, Any]] = (),
+        metrics: dict[str, float] | None = None,
+        matrix: AccuracyMatrix | None = None,
+    ) -> None:
+        """Record one learned task on run ``run_id``: parameters, per-epoch and summary metrics, the matrix.
 
-        Returns the run id (a new run named after the Ray run unless ``run_id`` is given). The run
-        is left open; ``register_bundle`` adds the bundle to it, ``end_run`` closes it.
+        Args:
+            params: parameter name -> value (stored as text).
+            epochs: one dict per epoch with ``epoch`` and any of ``train_loss``, ``train_acc``,
+                ``val_acc``, ``lr``, ``seconds`` (logged as step-indexed metrics).
+            metrics: summary metrics (step 0).
+            matrix: the accuracy matrix, logged as JSON with its heatmap; its Transfer / Average /
+                Last, zero-shot retention and last-row accuracies become metrics too.
         """
         from mlflow.entities import Metric, Param
 
-        manifest = read_bundle_manifest(job.bundle_dir)
-        run_id = run_id or self.create_run(job.ray_run_id, {"diki.task": job.task_name})
-        params: dict[str, Any] = {f"train.{k}": v for k, v in job.train_config.items()}
-        params.update(
-            {
-                "scaling.workers": job.workers,
-                "scaling.use_gpu": job.use_gpu,
-                "backbone.name": manifest.backbone.get("name"),
-                "backbone.pretrained": manifest.backbone.get("pretrained"),
-                "backbone.fingerprint": manifest.backbone.get("fingerprint"),
-                "dataset.uri": job.dataset_uri,
-                "dataset.fingerprint": job.dataset_fingerprint,
-                "dataset.train_images": job.num_train_images,
-                "dataset.val_images": job.num_val_images,
-                "task.name": job.task_name,
-                "task.index": job.task_index,
-                "base_version": job.base_version,
-                "code_version": code_version(),
-                "ray.run_id": job.ray_run_id,
-                "ray.job_id": job.ray_job_id,
-                "ray.checkpoint": job.checkpoint_path,
-            }
-        )
-        params.update(extra_params or {})
         now = int(time.time() * 1000)
-        metrics: list[Metric] = []
-        for h in job.history:
+        logged: list[Metric] = []
+        for h in epochs:
             for key in ("train_loss", "train_acc", "val_acc", "lr", "seconds"):
                 if h.get(key) is not None:
                     name = "epoch_seconds" if key == "seconds" else key
-                    metrics.append(Metric(name, float(h[key]), now, int(h["epoch"])))
-        summary = {
-            "train_seconds": job.train_seconds,
-            "job_seconds": job.job_seconds,
-            "startup_seconds": job.startup_seconds,
-            "images_per_second": job.images_per_second,
-            "best_epoch": job.best_epoch,
-        }
+                    logged.append(Metric(name, float(h[key]), now, int(h["epoch"])))
+        summary = dict(metrics or {})
         if matrix is not None:
             summary.update({k: v for k, v in matrix.stream_metrics().items() if v is not None})
             retention = matrix.zero_shot_retention()
@@ -311,10 +213,10 @@ class Registry:
                 summary["zero_shot_retention"] = retention
             for j, col in enumerate(matrix.columns):
                 summary[f"acc.{col.kind}.{col.name}"] = matrix.acc[-1][j]
-        metrics += [Metric(k, float(v), now, 0) for k, v in summary.items()]
+        logged += [Metric(k, float(v), now, 0) for k, v in summary.items()]
         self.client.log_batch(
             run_id,
-            metrics=metrics,
+            metrics=logged,
             params=[Param(k, "" if v is None else str(v)[:6000]) for k, v in params.items()],
         )
         if matrix is not None:
@@ -322,7 +224,6 @@ class Registry:
             with tempfile.TemporaryDirectory(prefix="diki-heatmap-") as tmp:
                 path = matrix.heatmap(Path(tmp) / "accuracy_heatmap.png")
                 self.client.log_artifact(run_id, str(path), HEATMAP_ARTIFACT)
-        return run_id
 
     # -- versions --------------------------------------------------------------------------------
 
@@ -590,7 +491,7 @@ class Registry:
             raise RegistryError(f"moving {alias!r} to version {version} failed and was undone: {exc}") from exc
 
     def promote(self, version: int) -> None:
-        """Make ``version`` the production version (an operator's decision: the gate is not applied)."""
+        """Make ``version`` the production version (an operator's decision: the promotion policy is not applied)."""
         self.set_alias("production", version)
 
     def rollback(self) -> int:
@@ -612,13 +513,12 @@ class Registry:
         )
         return previous
 
-    def apply_gate(self, version: int, decision: GateDecision) -> bool:
-        """Record the gate's verdict on ``version``, make it ``candidate``, and ``production`` if it passed."""
+    def apply_promotion(self, version: int, decision: PromotionDecision) -> bool:
+        """Record the promotion decision on ``version``, make it ``candidate``, and ``production`` if it passed."""
+        verdict = "passed" if decision.ok else "refused"
+        self.client.set_model_version_tag(self.model_name, str(version), TAG_PROMOTION, verdict)
         self.client.set_model_version_tag(
-            self.model_name, str(version), TAG_GATE, "passed" if decision.ok else "refused"
-        )
-        self.client.set_model_version_tag(
-            self.model_name, str(version), TAG_GATE_REASONS, json.dumps(decision.reasons)[:5000]
+            self.model_name, str(version), TAG_PROMOTION_REASONS, json.dumps(decision.reasons)[:5000]
         )
         self.set_alias("candidate", version)
         if decision.ok:

@@ -50,7 +50,6 @@ __all__ = [
     "TrainSettings",
     "get_settings",
     "split_s3_uri",
-    "use_config_file",
 ]
 
 ENV_PREFIX: Final = "DIKI_"
@@ -616,17 +615,10 @@ def _masked_value(value: Any) -> Any:
     return value
 
 
-_config_file_override: str | Path | None = None
-
-
-def use_config_file(path: str | Path | None) -> None:
-    """Make :func:`get_settings` read ``path`` (a CLI ``--config``) instead of ``DIKI_CONFIG``."""
-    global _config_file_override
-    _config_file_override = path
-    get_settings.cache_clear()
-
-
 @functools.cache
 def get_settings() -> Settings:
-    """The process-wide settings, loaded once. Call ``get_settings.cache_clear()`` to reload."""
-    return Settings.load(_config_file_override)
+    """The process-wide settings (``DIKI_CONFIG``, then the environment), loaded once.
+
+    Call ``get_settings.cache_clear()`` to reload; a command given ``--config`` loads that file itself.
+    """
+    return Settings.load(None)

@@ -13,11 +13,11 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pyarrow.fs as pafs
 
@@ -28,6 +28,8 @@ __all__ = [
     "Storage",
     "StorageError",
     "clean_path",
+    "dataset_location",
+    "normalise_dataset_uri",
     "open_storage",
     "validate_dataset_name",
 ]
@@ -74,6 +76,12 @@ def clean_path(path: str) -> str:
     return "/".join(segments)
 
 
+def _token(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
 def _join(*parts: str) -> str:
     return "/".join(part for part in parts if part)
 
@@ -87,10 +95,19 @@ class Storage:
         is_local: True for a local folder.
     """
 
-    def __init__(self, filesystem: pafs.FileSystem, root: str, *, is_local: bool) -> None:
+    def __init__(
+        self,
+        filesystem: pafs.FileSystem,
+        root: str,
+        *,
+        is_local: bool,
+        s3_client: Callable[[], Any] | None = None,
+    ) -> None:
         self.filesystem = filesystem
         self.root = root.rstrip("/") if root != "/" else root
         self.is_local = is_local
+        self._s3_client_factory = s3_client
+        self._s3: Any = None
 
     def __repr__(self) -> str:
         return f"Storage({self.uri()!r})"
@@ -105,6 +122,13 @@ class Storage:
         """A URI for messages and records: ``file:///abs/path`` or ``s3://bucket/key``."""
         full = self.path(rel)
         return f"file://{full}" if self.is_local else f"s3://{full}"
+
+    def dataset_uri(self, rel: str) -> str:
+        """How training, evaluation and the registry name a dataset at ``rel``: a local path or ``s3://`` URI.
+
+        :func:`dataset_location` turns it back into a filesystem and a path.
+        """
+        return self.path(rel) if self.is_local else self.uri(rel)
 
     # -- queries ----------------------------------------------------------------------------------
 
@@ -181,6 +205,131 @@ class Storage:
                 with _suppress_missing():
                     os.unlink(tmp)
                 raise
+
+    # -- conditional writes (exact compare-and-swap, for the learning lock) ----------------------------
+    #
+    # Each returns or takes a version token naming one content of the file. On S3 the token is the
+    # ETag and the condition travels with the request (``If-None-Match: *``, ``If-Match``), so the
+    # server decides; the stack's SeaweedFS honours both. On a local root the check and the write
+    # happen under an exclusive ``flock`` of a guard file beside the target.
+
+    def create_exclusive(self, rel: str, data: bytes) -> str | None:
+        """Create file ``rel`` with ``data`` unless it exists; the new version token, or None when it existed."""
+        if self.is_local:
+            with self._guard(rel) as full:
+                if os.path.exists(full):
+                    return None
+                self._write_local(full, data)
+                return _token(data)
+        return self._s3_put(rel, data, IfNoneMatch="*")
+
+    def read_versioned(self, rel: str) -> tuple[bytes, str] | None:
+        """The contents of ``rel`` and their version token, or None when there is no such file."""
+        if self.is_local:
+            try:
+                data = Path(self.path(rel)).read_bytes()
+            except FileNotFoundError:
+                return None
+            return data, _token(data)
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = self._bucket_key(rel)
+        with self._errors("read", rel):
+            try:
+                answer = self._client().get_object(Bucket=bucket, Key=key)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                    return None
+                raise OSError(str(exc)) from exc
+            except BotoCoreError as exc:  # connection errors: transient, as pyarrow's OSError
+                raise OSError(str(exc)) from exc
+            return answer["Body"].read(), answer["ETag"]
+
+    def replace_if(self, rel: str, data: bytes, token: str) -> str | None:
+        """Replace ``rel`` with ``data`` only if it still holds version ``token``; the new token, or None."""
+        if self.is_local:
+            with self._guard(rel) as full:
+                try:
+                    current = Path(full).read_bytes()
+                except FileNotFoundError:
+                    return None
+                if _token(current) != token:
+                    return None
+                self._write_local(full, data)
+                return _token(data)
+        return self._s3_put(rel, data, IfMatch=token)
+
+    def delete_if(self, rel: str, token: str) -> bool:
+        """Delete ``rel`` only if it still holds version ``token``; True when deleted."""
+        if self.is_local:
+            with self._guard(rel) as full:
+                try:
+                    if _token(Path(full).read_bytes()) != token:
+                        return False
+                    os.unlink(full)
+                except FileNotFoundError:
+                    return False
+                return True
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = self._bucket_key(rel)
+        with self._errors("delete", rel):
+            try:
+                self._client().delete_object(Bucket=bucket, Key=key, IfMatch=token)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "NoSuchKey", "404"):
+                    return False
+                raise OSError(str(exc)) from exc
+            except BotoCoreError as exc:
+                raise OSError(str(exc)) from exc
+            return True
+
+    @contextmanager
+    def _guard(self, rel: str) -> Iterator[str]:
+        import fcntl
+
+        full = self.path(rel)
+        parent, _, name = full.rpartition("/")
+        os.makedirs(parent, exist_ok=True)
+        fd = os.open(f"{parent}/.{name}.guard", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield full
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def _write_local(self, full: str, data: bytes) -> None:
+        parent, _, name = full.rpartition("/")
+        tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as out:
+            out.write(data)
+        os.replace(tmp, full)
+
+    def _bucket_key(self, rel: str) -> tuple[str, str]:
+        bucket, _, key = self.path(rel).partition("/")
+        return bucket, key
+
+    def _client(self) -> Any:
+        if self._s3 is None:
+            if self._s3_client_factory is None:
+                raise StorageError(f"{self.uri()}: no S3 client for conditional writes")
+            self._s3 = self._s3_client_factory()
+        return self._s3
+
+    def _s3_put(self, rel: str, data: bytes, **condition: str) -> str | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = self._bucket_key(rel)
+        with self._errors("write", rel):
+            try:
+                return self._client().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code")
+                if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404"):
+                    return None
+                raise OSError(str(exc)) from exc
+            except BotoCoreError as exc:
+                raise OSError(str(exc)) from exc
 
     def put_json(self, rel: str, obj: Any) -> None:
         """Write ``obj`` as indented UTF-8 JSON to ``rel`` (atomically, as :meth:`write_bytes`)."""
@@ -323,6 +472,34 @@ def _suppress_missing() -> Iterator[None]:
         pass
 
 
+# --- dataset locations: the one converter between URIs and (filesystem, path) -------------------
+
+
+def normalise_dataset_uri(uri: str | Path) -> str:
+    """A dataset location as records keep it: ``s3://`` and ``file://`` URIs as given, local paths made absolute."""
+    text = str(uri)
+    return text if "://" in text else str(Path(text).expanduser().absolute())
+
+
+def dataset_location(settings: Settings, uri: str | Path) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and path of a dataset: ``s3://bucket/prefix``, ``file:///abs`` or a local path.
+
+    S3 uses the endpoint and credentials of ``settings.s3`` (the ``AWS_*`` variables), never the URI.
+
+    Raises:
+        ValueError: an unsupported scheme or an invalid bucket or prefix.
+    """
+    text = str(uri)
+    if text.startswith("s3://"):
+        bucket, prefix = split_s3_uri(text)
+        return _s3_filesystem(settings), _join(bucket, prefix).rstrip("/")
+    if text.startswith("file://"):
+        return pafs.LocalFileSystem(), str(Path(unquote(urlsplit(text).path)).absolute())
+    if "://" in text:
+        raise ValueError(f"dataset location {text!r}: only s3://, file:// and local paths are supported")
+    return pafs.LocalFileSystem(), normalise_dataset_uri(text)
+
+
 def open_storage(settings: Settings) -> Storage:
     """Open the storage named by ``settings.storage.root``: a local folder or ``s3://bucket/prefix``.
 
@@ -335,7 +512,29 @@ def open_storage(settings: Settings) -> Storage:
     if not root.startswith("s3://"):
         return Storage(pafs.LocalFileSystem(), root, is_local=True)
     bucket, prefix = split_s3_uri(root)
-    return Storage(_s3_filesystem(settings), _join(bucket, prefix), is_local=False)
+    return Storage(
+        _s3_filesystem(settings), _join(bucket, prefix), is_local=False, s3_client=lambda: _s3_client(settings)
+    )
+
+
+def _s3_client(settings: Settings) -> Any:
+    """A boto3 client for what pyarrow cannot send: conditional writes."""
+    import boto3
+    from botocore.config import Config
+
+    s3 = settings.s3
+    kwargs: dict[str, Any] = {
+        "region_name": s3.region,
+        "config": Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3}),
+    }
+    if s3.endpoint_url:
+        kwargs["endpoint_url"] = s3.endpoint_url
+    if s3.access_key_id is not None and s3.secret_access_key is not None:
+        kwargs["aws_access_key_id"] = s3.access_key_id.get_secret_value()
+        kwargs["aws_secret_access_key"] = s3.secret_access_key.get_secret_value()
+        if s3.session_token is not None:
+            kwargs["aws_session_token"] = s3.session_token.get_secret_value()
+    return boto3.client("s3", **kwargs)
 
 
 def _s3_filesystem(settings: Settings) -> pafs.S3FileSystem:

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from diki_model import TrainConfig
+from diki_model import TrainConfig, create_diki_model
 from diki_model.bench.offline import offline_stream
-from diki_model.bench.stream import METHODS, StreamBenchmark
+from diki_model.bench.stream import METHODS, MethodResult, StreamBenchmark
+from diki_model.data import load_split_tensors
+from tests.test_model import frozen_clip_probs
 
 
 @pytest.fixture(scope="module")
@@ -33,19 +35,49 @@ def test_every_method_runs_and_the_metrics_follow_the_matrix(data_dir):
     assert list(results) == list(METHODS)
     zs = results["zero-shot"].acc
     assert zs.shape == (3, 3) and np.allclose(zs, zs[0])  # the frozen model never changes
+    # The zero-shot row, recomputed from the untouched CLIP on the same 32 test images per set.
+    frozen = create_diki_model("diki-test-tiny", None, seed=0)
+    for col, task in enumerate([*stream, extra[0]]):
+        x, y = load_split_tensors(data_dir / task.name, "test", frozen.preprocess, limit=40)
+        assert len(y) == 32
+        probs = frozen_clip_probs(frozen, x, [task.template.format(c) for c in task.classes])
+        assert zs[0, col] == pytest.approx(100.0 * int((probs.argmax(-1) == y).sum()) / 32, abs=1e-9)
     for r in results.values():
         assert r.eval_names == ["faces", "textures", extra[0].name]
         np.testing.assert_allclose(r.acc[0], zs[0])  # every method starts from zero-shot
-        s = r.stream_matrix()
-        assert r.metrics()["last"] == pytest.approx(s[-1].mean())
-        assert r.metrics()["transfer"] == pytest.approx(s[0, 1])
-        assert ((0 <= r.acc) & (r.acc <= 100)).all()
+        a = r.acc  # rows: zero-shot, after faces, after textures; columns: faces, textures, held-out
+        assert r.metrics()["last"] == pytest.approx((a[2, 0] + a[2, 1]) / 2)
+        assert r.metrics()["transfer"] == pytest.approx(a[1, 1])  # textures, before it is learned
+        assert r.metrics()["average"] == pytest.approx((a[1, 0] + a[2, 0] + a[1, 1] + a[2, 1]) / 4)
+        # Each accuracy is a whole number of the 32 test images.
+        images = a * 32 / 100
+        np.testing.assert_allclose(images, np.round(images), rtol=0, atol=1e-9)
     # Shared training: the DIKI family gets identical learned-task accuracy under the true task
     # when routing is right, and routing is measured for the methods that route.
     assert results["diki"].routing_accuracy and len(results["diki"].routing_accuracy) == 2
     assert results["true-task"].routing_accuracy == []
     # The true-task method answers a not-yet-learned set with the frozen model: its transfer is zero-shot's.
     assert results["true-task"].metrics()["transfer"] == pytest.approx(results["zero-shot"].metrics()["transfer"])
+    true_task = results["true-task"].acc
+    assert true_task[1, 1] == zs[1, 1]  # textures after learning faces only
+    np.testing.assert_array_equal(true_task[:, 2], zs[:, 2])  # the held-out set is never learned
+
+
+def test_method_result_metrics_use_the_stream_columns_after_each_step():
+    # Row 0 is zero-shot and the last column a held-out set: neither enters Transfer / Average / Last.
+    acc = np.array(
+        [
+            [10.0, 20.0, 30.0],
+            [80.0, 25.0, 31.0],
+            [70.0, 90.0, 33.5],
+        ]
+    )
+    r = MethodResult("m", ["a", "b", "held"], ["stream", "stream", "heldout"], acc)
+    np.testing.assert_array_equal(r.stream_matrix(), [[80.0, 25.0], [70.0, 90.0]])
+    # Transfer: b before it is learned = 25. Average: column means 75 and 57.5. Last: (70 + 90) / 2.
+    assert r.metrics() == pytest.approx({"transfer": 25.0, "average": 66.25, "last": 80.0})
+    assert r.retention() == pytest.approx({"held": 3.5})  # 33.5 after the last step vs 30 zero-shot
+    assert r.to_dict()["metrics"] == r.metrics() and r.to_dict()["acc"] == acc.tolist()
 
 
 def test_cli_writes_json_table_and_heatmaps(data_dir, tmp_path):

@@ -3,9 +3,17 @@ import json
 import pytest
 import torch
 
-from diki_model import ArtifactError, create_diki_model, evaluate, extend_bundle, load_bundle, read_bundle_manifest
+from diki_model import (
+    ArtifactError,
+    Gaussian,
+    create_diki_model,
+    evaluate,
+    extend_bundle,
+    load_bundle,
+    read_bundle_manifest,
+)
 from tests.synthetic import quadrant_domain
-from tests.test_model import CLASSES_A, CLASSES_B, two_task_model
+from tests.test_model import CLASSES_B, frozen_clip_probs, two_task_model
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +46,29 @@ def test_bundle_rejects_escaping_paths(model, tmp_path):
         load_bundle(tmp_path / "b", model=create_diki_model("diki-test-tiny", seed=0))
 
 
+def test_extending_a_bundle_built_on_another_backbone_is_refused(model, tmp_path):
+    extend_bundle(None, model, 0, tmp_path / "v1")
+    other = create_diki_model("diki-test-tiny", seed=1)  # same config, other weights
+    task = other.add_task("shapes", ["circle", "square"])
+    other.set_task_statistics(task, Gaussian(torch.zeros(32, dtype=torch.float64), torch.eye(32, dtype=torch.float64)), 0.0, 1.0, 10)
+    with pytest.raises(ArtifactError, match="base bundle was built on another backbone"):
+        extend_bundle(tmp_path / "v1", other, task, tmp_path / "v2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1"], "a refused bundle leaves nothing behind"
+    # The same task on top of nothing is fine: only mixing backbones is refused.
+    assert extend_bundle(None, other, task, tmp_path / "v2").task_names == ["shapes"]
+
+
 def test_evaluate_reports_accuracy_routing_and_gates(model):
     xb, yb = quadrant_domain(40, 3, -1.5, seed=77)
     res = evaluate(model, xb, yb, CLASSES_B, "a {} square.", batch_size=16)
-    assert res.count == 40 and set(res.routed) == {1}
-    assert 0 <= res.accuracy <= 100 and res.mean_gate > 0.5 and res.ood_rate == 0
+    p = model.predict(xb, labels=CLASSES_B, template="a {} square.")  # one batch: the hand count
+    assert res.count == 40 and res.routed == {1: 40} and p.task_index.tolist() == [1] * 40
+    assert res.accuracy == 100.0 * int((p.label_index == yb).sum()) / 40
+    assert res.mean_gate == pytest.approx(float(p.gate.double().mean()), rel=1e-5) and res.mean_gate > 0.5
+    assert res.ood_rate == 0
     frozen = evaluate(model, xb, yb, CLASSES_B, "a {} square.", task=1, gate=0.0)
     zs = evaluate(create_diki_model("diki-test-tiny", seed=0), xb, yb, CLASSES_B, "a {} square.")
     assert frozen.accuracy == zs.accuracy
-    assert CLASSES_A != CLASSES_B
+    # The zero-shot accuracy itself, from the untouched CLIP without predict or evaluate.
+    probs = frozen_clip_probs(model, xb, [f"a {c} square." for c in CLASSES_B])
+    assert zs.accuracy == 100.0 * int((probs.argmax(-1) == yb).sum()) / 40

@@ -324,3 +324,50 @@ def test_decode_error_in_split_points_at_the_record(tmp_path):
     with pytest.raises(DatasetError) as err:
         load_split_tensors(root, "train", lambda img: torch.zeros(1))
     assert (err.value.file, err.value.row) == ("train/part-00000.parquet", 1)
+
+
+def _dataset_with_train_labels(root: Path, labels: list[int]) -> Path:
+    write_dataset(root, MANIFEST, TRAIN, shard_rows=100)  # three classes: valid labels are 0, 1, 2
+    _write_table(root / "train/part-00000.parquet",
+                 pa.table({"image": pa.array([png(i) for i in range(len(labels))], pa.binary()),
+                           "label": pa.array(labels, pa.int64())}))  # fmt: skip
+    return root
+
+
+def test_reader_refuses_a_label_equal_to_the_number_of_classes(tmp_path):
+    root = _dataset_with_train_labels(tmp_path / "d", [0, 2, 3, 1])
+    with pytest.raises(DatasetError) as err:
+        read_all(root, "train")
+    assert (err.value.file, err.value.row) == ("train/part-00000.parquet", 2)
+    assert err.value.reason == "label 3 out of range [0, 3)"
+    # The edges of the range itself are valid labels.
+    edges = _dataset_with_train_labels(tmp_path / "e", [0, 2])
+    assert [label for _, label in read_all(edges, "train")] == [0, 2]
+    negative = _dataset_with_train_labels(tmp_path / "n", [1, -1])
+    with pytest.raises(DatasetError, match=r"row 1: label -1 out of range \[0, 3\)"):
+        read_all(negative, "train")
+
+
+def test_validator_refuses_a_label_equal_to_the_number_of_classes(tmp_path):
+    root = _dataset_with_train_labels(tmp_path / "d", [0, 1, 2, 3, 2])
+    report = validate_dataset(root)
+    assert [(e.file, e.row, e.reason) for e in report.errors] == [
+        ("train/part-00000.parquet", 3, "label 3 out of range [0, 3)")
+    ]
+    assert report.class_counts == {"cat": 1, "dog": 1, "bird": 2}
+    assert report.num_train == 5
+    edges = validate_dataset(_dataset_with_train_labels(tmp_path / "e", [0, 2, 1]))
+    assert edges.ok and edges.class_counts == {"cat": 1, "dog": 1, "bird": 1}
+    negative = validate_dataset(_dataset_with_train_labels(tmp_path / "n", [0, 1, 2, -1]))
+    assert [(e.row, e.reason) for e in negative.errors] == [(3, "label -1 out of range [0, 3)")]
+
+
+def test_validator_checks_test_labels_against_the_number_of_classes(tmp_path):
+    # The test split keeps no class counts, so a wrong bound there shows only in the report.
+    root = _dataset_with_train_labels(tmp_path / "d", [0, 1, 2])
+    _write_table(root / "test/part-00000.parquet",
+                 pa.table({"image": pa.array([png(7), png(8), png(9)], pa.binary()),
+                           "label": pa.array([2, 3, 0], pa.int64())}))  # fmt: skip
+    report = validate_dataset(root)
+    assert [(e.file, e.row, e.reason) for e in report.errors] == [("test/part-00000.parquet", 1, "label 3 out of range [0, 3)")]
+    assert (report.num_train, report.num_test) == (3, 3)

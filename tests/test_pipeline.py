@@ -314,7 +314,7 @@ def test_a_drop_is_learned_registered_and_served_and_a_fixed_redrop_works(prefec
         assert registry.get_alias("production") == 1 and registry.get_alias("candidate") == 1
         record = StateStore(storage, settings).get("shapes")
         assert record is not None and record.stage == Stage.DONE and record.version == 1
-        assert [h["stage"] for h in record.history][-3:] == ["gating", "gated", "done"]
+        assert [h["stage"] for h in record.history][-3:] == ["decided", "applied", "done"]
         assert record.reload is not None and record.reload["status"] == "reloaded", record.reload
         # The data left incoming/ for its immutable location, which the version records; the old
         # quarantine of this name is gone.
@@ -351,15 +351,14 @@ CRASH_SCRIPT = textwrap.dedent(
     # A watcher process that dies right after the trained bundle is recorded, before registration.
     # The crash is injected on purpose (os._exit at the stage hook): a real crash cannot be timed.
     import os, sys
-    from pipelines import flows
-    from pipelines.state import Stage
+    from pipelines.state import Stage, add_stage_hook
 
     def die(record):
         if record.stage == Stage.TRAINED:
             print("dying after", record.stage.value, flush=True)
             os._exit(17)
 
-    flows.add_stage_hook(die)
+    add_stage_hook(die)
     from pipelines.watcher import main
     sys.exit(main(["--once", "--config", sys.argv[1]]))
     """
@@ -369,11 +368,9 @@ CRASH_SCRIPT = textwrap.dedent(
 def test_a_crash_after_training_is_finished_by_the_next_watcher_run_without_duplicates(
     prefect_api, bucket, ray_session, tmp_path
 ):
-    from prefect.client.orchestration import get_client
-
-    from pipelines.flows import GLOBAL_LIMIT
-    from pipelines.state import Stage, StateStore, StorageLock
+    from pipelines.state import Stage, StateStore
     from pipelines.watcher import watch_incoming
+    from services.lock import LearningLock
     from services.registry import Registry
     from services.storage import open_storage
 
@@ -403,13 +400,11 @@ def test_a_crash_after_training_is_finished_by_the_next_watcher_run_without_dupl
     trained_run = record.job["ray_run_id"]
     registry = Registry(settings)
     assert registry.list_versions() == [] and mlflow_runs(settings) == []
-    # The dead process still "holds" the lock and the Prefect slot; both are seen as its leftovers.
+    # The dead process still "holds" the lock; it is seen as its leftover.
     assert storage.is_file("artifacts/pipeline/learning.lock")
-    assert StorageLock(storage, settings).holder() is None
+    assert LearningLock(storage, settings).holder() is None
     row = datasets_json(config)["quads"]
     assert row["state"] == "interrupted" and "stage trained" in row["detail"]
-    with get_client(sync_client=True) as client:  # the dead process's Prefect slot was never released
-        assert client.read_global_concurrency_limit_by_name(GLOBAL_LIMIT).active_slots == 1
 
     outcome = watch_incoming(config=str(config))
 
@@ -424,9 +419,6 @@ def test_a_crash_after_training_is_finished_by_the_next_watcher_run_without_dupl
     assert registry.get_alias("production") == 1 and registry.alias_history("production") == [1]
     assert registry.get_alias("candidate") == 1
     assert not storage.exists("artifacts/pipeline/learning.lock")
-    with get_client(sync_client=True) as client:
-        limit = client.read_global_concurrency_limit_by_name(GLOBAL_LIMIT)
-    assert limit.limit == 1 and limit.active_slots == 0
 
 
 def test_only_transient_errors_are_retried():

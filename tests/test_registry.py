@@ -20,11 +20,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from diki_model import TrainConfig, create_diki_model, extend_bundle, learn_task, load_bundle  # noqa: E402
-from services.evaluation import AccuracyMatrix, EvalColumn  # noqa: E402
-from services.registry import GateDecision, Registry, RegistryError, promotion_gate  # noqa: E402
+from services.promotion import PromotionDecision, decide_promotion  # noqa: E402
+from services.registry import Registry, RegistryError  # noqa: E402
 from services.settings import PromotionSettings  # noqa: E402
 from tests.conftest import free_ports  # noqa: E402
 from tests.synthetic import quadrant_domain  # noqa: E402
+from tests.test_promotion import matrix  # noqa: E402
 from tests.test_training import make_settings, s3_filesystem  # noqa: E402
 
 TASKS = [
@@ -167,53 +168,22 @@ def test_the_cli_lists_promotes_and_rolls_back(bundles, registry, mlflow_home, t
     assert missing.exit_code == 2 and "manifest.json" in missing.output
 
 
-# --- the promotion gate --------------------------------------------------------------------------
-
-
-def matrix(rows: list[str], acc: list[list[float]], heldout: int = 0) -> AccuracyMatrix:
-    tasks = rows[1:]
-    n_task_cols = len(acc[0]) - heldout
-    cols = [EvalColumn(n, "task", f"/d/{n}", f"fp-{n}") for n in (tasks + ["future"] * 9)[:n_task_cols]]
-    cols += [EvalColumn(f"h{i}", "heldout", f"/h/{i}", f"fp-h{i}") for i in range(heldout)]
-    return AccuracyMatrix(rows=rows, columns=cols, acc=acc)
-
-
-def test_the_gate_refuses_forgetting_and_lost_zero_shot_ability():
-    promotion = PromotionSettings(max_task_drop=0.02, min_zero_shot_retention=0.9)
-    prev = matrix(["zero-shot", "alpha"], [[25.0, 50.0], [90.0, 50.0]], heldout=1)
-    kept = matrix(["zero-shot", "alpha", "beta"], [[25, 30, 50], [90, 30, 50], [88.5, 95, 48]], heldout=1)
-    ok = promotion_gate(prev, kept, promotion)
-    assert ok.ok and ok.checks["task_drops"] == {"alpha": 1.5} and ok.checks["zero_shot_retention"] == 0.96
-
-    forgot = matrix(["zero-shot", "alpha", "beta"], [[25, 30, 50], [90, 30, 50], [85, 95, 48]], heldout=1)
-    no = promotion_gate(prev, forgot, promotion)
-    assert not no.ok and any("task 'alpha': accuracy 90.0% -> 85.0% (drop 5.0 points > 2.0" in r for r in no.reasons)
-
-    lost = matrix(["zero-shot", "alpha", "beta"], [[25, 30, 50], [90, 30, 50], [90, 95, 40]], heldout=1)
-    no = promotion_gate(prev, lost, promotion)
-    assert not no.ok and any("zero-shot retention on held-out data 0.800 < 0.900" in r for r in no.reasons)
-
-    # Without a production matrix the candidate's own previous step is the reference.
-    assert not promotion_gate(None, forgot, promotion).ok
-    first = promotion_gate(None, matrix(["zero-shot", "alpha"], [[25.0], [90.0]]), promotion)
-    assert first.ok and any("not checked" in r for r in first.reasons)
-    # A JSON matrix (as stored with a version) works the same.
-    assert promotion_gate(prev.to_dict(), forgot.to_dict(), promotion).ok is False
+# --- promotion applied to the registry -----------------------------------------------------------
 
 
 def test_a_refused_candidate_leaves_production_untouched(bundles, registry, tmp_path):
     registry.register_bundle(bundles["v1"])
-    assert registry.apply_gate(1, GateDecision(ok=True, reasons=["first version"]))
+    assert registry.apply_promotion(1, PromotionDecision(ok=True, reasons=["first version"]))
     assert registry.get_alias("production") == 1
     registry.register_bundle(bundles["v2"])
     prev = matrix(["zero-shot", "alpha"], [[25.0], [90.0]])
     new = matrix(["zero-shot", "alpha", "beta"], [[25, 30], [90, 30], [70, 95]])
-    decision = promotion_gate(prev, new, PromotionSettings())
+    decision = decide_promotion(prev, new, PromotionSettings())
     assert not decision.ok
-    assert registry.apply_gate(2, decision) is False
+    assert registry.apply_promotion(2, decision) is False
     assert registry.get_alias("production") == 1 and registry.get_alias("candidate") == 2
     tags = registry.get_version(2).tags
-    assert tags["gate"] == "refused" and "drop 20.0 points" in json.loads(tags["gate_reasons"])[0]
+    assert tags["promotion"] == "refused" and "drop 20.0 points" in json.loads(tags["promotion_reasons"])[0]
     assert registry.alias_history("production") == [1]
 
 

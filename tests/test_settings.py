@@ -12,7 +12,7 @@ import yaml
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
-from services.settings import MASK, STANDARD_ENV, Settings, SettingsError, get_settings, use_config_file
+from services.settings import MASK, STANDARD_ENV, Settings, SettingsError, get_settings
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "s3cr3t-value-never-printed"
@@ -27,7 +27,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.chdir(tmp_path)
     get_settings.cache_clear()
     yield tmp_path
-    use_config_file(None)
+    get_settings.cache_clear()
 
 
 def write_config(path: Path, data: object) -> Path:
@@ -207,10 +207,12 @@ def test_secrets_are_masked_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
         assert SECRET not in text
 
 
-def test_get_settings_is_cached_and_use_config_file_reloads(tmp_path: Path) -> None:
+def test_get_settings_is_cached_and_cache_clear_reloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = get_settings()
     assert get_settings() is first
-    use_config_file(write_config(tmp_path / "c.yaml", {"train": {"epochs": 3}}))
+    monkeypatch.setenv("DIKI_CONFIG", str(write_config(tmp_path / "c.yaml", {"train": {"epochs": 3}})))
+    assert get_settings() is first  # cached: the new file is not read yet
+    get_settings.cache_clear()
     assert get_settings().train.epochs == 3
 
 

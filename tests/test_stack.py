@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -81,7 +82,8 @@ def test_service_spec_is_validated() -> None:
 def test_core_services_and_hooks(tmp_path: Path) -> None:
     secret = "stack-secret-" + uuid.uuid4().hex
     settings = stack_settings(tmp_path, s3={"access_key_id": "AKIATEST", "secret_access_key": secret})
-    port = free_ports(1)[0]
+    taken = {p for spec in Stack(settings).services() for p in spec.ports}  # SeaweedFS derives more ports
+    port = next(p for p in free_ports(8) if p not in taken)
     specs = Stack(settings, extra_services=[web_hook(port)]).services()
     assert [s.name for s in specs] == ["s3", "mlflow", "prefect", "ray", "web"]
     by_name = {s.name: s for s in specs}
@@ -100,7 +102,7 @@ def test_core_services_and_hooks(tmp_path: Path) -> None:
 
 def test_the_product_services_join_the_stack(tmp_path: Path) -> None:
     """`diki stack up` adds the Serve application and the served watcher after the core services."""
-    from pipelines.stack_services import STACK_SERVICES
+    from services.stack import STACK_SERVICES
 
     secret = "stack-secret-" + uuid.uuid4().hex
     settings = stack_settings(tmp_path, s3={"access_key_id": "AKIATEST", "secret_access_key": secret})
@@ -124,11 +126,11 @@ def test_the_product_services_join_the_stack(tmp_path: Path) -> None:
 
 
 def test_a_service_named_twice_in_the_same_way_starts_once(tmp_path: Path) -> None:
-    """A settings hook naming the watcher, as older docs said, next to the CLI's own watcher."""
-    from pipelines.stack_services import STACK_SERVICES
+    """A settings hook naming the watcher next to the CLI's own watcher."""
+    from services.stack import STACK_SERVICES
 
     settings = stack_settings(tmp_path)
-    settings.stack.extra_services = ["pipelines.watcher:watcher_service"]
+    settings.stack.extra_services = ["services.stack.product:watcher_service"]
     names = [s.name for s in Stack(settings, extra_services=STACK_SERVICES).services()]
     assert names == ["s3", "mlflow", "prefect", "ray", "watcher", "serve"]
 
@@ -136,17 +138,47 @@ def test_a_service_named_twice_in_the_same_way_starts_once(tmp_path: Path) -> No
 def test_the_watcher_is_healthy_only_while_a_runner_polls() -> None:
     from datetime import UTC, datetime, timedelta
 
-    from pipelines.watcher import runner_is_polling
+    from pipelines import watcher
+    from services.stack import product
 
-    now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
-    fresh = (now - timedelta(seconds=5)).isoformat()
-    assert runner_is_polling({"status": "READY", "last_polled": fresh}, now)
-    assert runner_is_polling({"status": "READY", "last_polled": fresh.replace("+00:00", "Z")}, now)
-    # The record of a stopped runner: it stays in the database, stale or marked not ready.
-    assert not runner_is_polling({"status": "READY", "last_polled": (now - timedelta(hours=1)).isoformat()}, now)
-    assert not runner_is_polling({"status": "NOT_READY", "last_polled": fresh}, now)
-    assert not runner_is_polling({"status": "READY", "last_polled": None}, now)
-    assert not runner_is_polling({}, now)
+    # The stack asks the Prefect server about the deployment `pipelines.watcher --serve` creates.
+    assert (product.WATCH_FLOW, product.WATCH_DEPLOYMENT) == (watcher.WATCH_FLOW, watcher.DEPLOYMENT)
+    for runner_is_polling in (product.runner_is_polling,):
+        now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+        fresh = (now - timedelta(seconds=5)).isoformat()
+        assert runner_is_polling({"status": "READY", "last_polled": fresh}, now)
+        assert runner_is_polling({"status": "READY", "last_polled": fresh.replace("+00:00", "Z")}, now)
+        # The record of a stopped runner: it stays in the database, stale or marked not ready.
+        assert not runner_is_polling({"status": "READY", "last_polled": (now - timedelta(hours=1)).isoformat()}, now)
+        assert not runner_is_polling({"status": "NOT_READY", "last_polled": fresh}, now)
+        assert not runner_is_polling({"status": "READY", "last_polled": None}, now)
+        assert not runner_is_polling({}, now)
+
+
+def test_a_pid_file_names_one_process_not_a_reused_pid(tmp_path: Path) -> None:
+    """A pid file holds the pid and the process's start time; a record without one trusts the pid."""
+    from services.processes import process_start_time
+
+    stack = Stack(stack_settings(tmp_path))
+    supervisor = stack.supervisor
+    pid_file = supervisor.pid_file("web")
+    pid_file.parent.mkdir(parents=True)
+    record = {"name": "web", "pid": os.getpid(), "ports": [], "started_at": time.time(), "stop_timeout_s": 5}
+    start = process_start_time()
+    assert start is not None
+    pid_file.write_text(json.dumps({**record, "start_time": start}))
+    assert supervisor.running("web") is not None
+    # Another process got the same pid later: not the service.
+    pid_file.write_text(json.dumps({**record, "start_time": start - 3600}))
+    assert supervisor.running("web") is None
+    # A pid file of an older version (no start time, /proc clock ticks instead) is still read.
+    pid_file.write_text(json.dumps({**record, "start_ticks": 12345}))
+    assert supervisor.running("web") is not None
+    # A process that has exited.
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    pid_file.write_text(json.dumps({**record, "pid": done.pid, "start_time": start}))
+    assert supervisor.running("web") is None
 
 
 def test_duplicate_names_and_ports_are_refused(tmp_path: Path) -> None:
@@ -333,8 +365,8 @@ def test_stack_learns_a_pushed_dataset_and_serves_it(
     import yaml
 
     from pipelines.cli import app
-    from pipelines.stack_services import STACK_SERVICES
     from services.serving.client import ServingClient
+    from services.stack import STACK_SERVICES
     from tests.test_training import QUADS, make_dataset, png_records
 
     *stack_ports, serve_port = free_ports(len(PORT_NAMES) + 1)

@@ -131,3 +131,52 @@ def test_three_product_whitening_matches_float64_on_cpu():
     z = _whiten_3xtf32_impl(*split_tf32(scorer.w), *split_tf32(x))
     ref = torch.einsum("tij,nj->tni", scorer.w.double(), x.double())
     torch.testing.assert_close(z.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [5, 40])
+def test_paper_covariance_is_the_unbiased_sample_covariance_plus_eps_identity(n):
+    x = unit_features(n, 8, seed=n)
+    for eps in (1e-3, 0.0):
+        g = GaussianAccumulator(8).update(x).finalize("paper", eps=eps)
+        want = np.cov(x.numpy(), rowvar=False, ddof=1) + eps * np.eye(8)
+        np.testing.assert_allclose(g.cov.numpy(), want, rtol=1e-10, atol=1e-15)
+        np.testing.assert_allclose(g.mean.numpy(), x.numpy().mean(axis=0), rtol=1e-12, atol=1e-15)
+        assert g.shrinkage == 0.0
+    # The default ridge is the authors' 1e-7.
+    default = GaussianAccumulator(8).update(x).finalize("paper")
+    np.testing.assert_allclose(default.cov.numpy(), np.cov(x.numpy(), rowvar=False) + 1e-7 * np.eye(8), rtol=1e-10, atol=1e-15)
+
+
+def test_state_dict_of_another_precision_is_read_back_in_float64():
+    x = unit_features(30, 5, seed=11)
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in GaussianAccumulator(5).update(x).state_dict().items()}
+    back = GaussianAccumulator.from_state_dict(state)
+    assert back.count == 30 and isinstance(back.count, int)
+    for t in (back.sum, back.outer, back.sum_sqnorm2, back.sum_sqnorm_y):
+        assert t.dtype == torch.float64
+    assert GaussianAccumulator(5).update(x).state_dict()["count"].dtype == torch.int64
+
+
+def test_log_prob_is_float64_for_float32_features():
+    x = unit_features(200, 6, seed=12)
+    g = GaussianAccumulator(6).update(x).finalize()
+    probe = unit_features(9, 6, seed=13).float()
+    ref = multivariate_normal(g.mean.numpy(), g.cov.numpy()).logpdf(probe.double().numpy())
+    got = g.log_prob(probe)
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-11, atol=1e-9)
+
+
+def test_scorer_three_product_whitening_of_a_task_chunk():
+    """The CUDA path's whitening (3 TF32 products, split factors cached), run on CPU for tasks 1..2 of 4."""
+    from diki_model.stats import split_tf32
+
+    d = 16
+    gaussians = [GaussianAccumulator(d).update(unit_features(80, d, seed=20 + s, shift=0.2 * s)).finalize() for s in range(4)]
+    scorer = GaussianScorer(gaussians)
+    x = unit_features(5, d, seed=30).float()
+    ref = torch.einsum("tij,nj->tni", scorer.w[1:3].double(), x.double())
+    for _ in range(2):  # the second call reuses the cached split of W
+        z = scorer._whiten_3xtf32(1, 3, *split_tf32(x))
+        assert z.shape == (2, 5, d)
+        torch.testing.assert_close(z.double(), ref, rtol=1e-5, atol=1e-4)

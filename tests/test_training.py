@@ -147,8 +147,8 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def test_two_tasks_in_a_row_become_versions_1_and_2(ray_session, datasets, tmp_path):
+    from pipelines.learning import learn_dataset
     from services.registry import Registry
-    from services.training import learn_dataset
 
     settings = make_settings(tmp_path / "home")
     first = learn_dataset(settings, datasets["quads"], heldout=[datasets["heldout"]])
@@ -160,7 +160,7 @@ def test_two_tasks_in_a_row_become_versions_1_and_2(ray_session, datasets, tmp_p
     # The second task learns on two workers: one shard split by rows, statistics all-gathered.
     second = learn_dataset(settings, datasets["corners"], workers=2, heldout=[datasets["heldout"]])
     assert second.version == 2 and second.job is not None and second.job.workers == 2
-    assert second.job.tasks == ["quads", "corners"] and second.job.task_index == 1 and second.job.base_version == 1
+    assert second.job.tasks == ["quads", "corners"] and second.job.task_index == 1 and second.base_version == 1
 
     registry = Registry(settings)
     versions = {v.version: v for v in registry.list_versions()}
@@ -222,8 +222,8 @@ def test_a_worker_killed_mid_run_resumes_from_its_checkpoint_and_registers_once(
     The crash is injected on purpose (``os._exit`` in the worker when a marker file exists), because a
     real worker crash cannot be produced on demand; the marker is removed first so it happens once.
     """
+    from pipelines.learning import learn_dataset
     from services.registry import Registry
-    from services.training import learn_dataset
 
     fs = s3_filesystem(s3_server)
     for bucket in ("train-data", "train-store"):
@@ -286,8 +286,9 @@ def _write_shard(path: Path, images: list[bytes], labels: list[int]) -> None:
     ],
 )
 def test_bad_datasets_fail_before_any_compute_and_register_nothing(problem, expected, shared_home, tmp_path):
+    from pipelines.learning import learn_dataset
     from services.registry import Registry
-    from services.training import TrainingInputError, learn_dataset
+    from services.training import TrainingInputError
 
     ds = tmp_path / "bad"
     good = list(png_records(40, 4, 60, seed=9))
@@ -397,7 +398,7 @@ def test_the_same_job_runs_on_a_ray_head_started_apart(ray_session, datasets, tm
         settings = make_settings(tmp_path / "home", ray={"address": f"127.0.0.1:{port}"})
         conn = _connect_when_up(ensure_ray, settings, head)
         assert not conn.embedded and conn.address == f"127.0.0.1:{port}" and conn.cluster_cpus == 2
-        job = run_training_job(settings, datasets["quads"], base_version=None, epochs=1)
+        job = run_training_job(settings, datasets["quads"], epochs=1)
         assert job.tasks == ["quads"] and (job.bundle_dir / "bundle.json").exists()
         model = load_bundle(job.bundle_dir, model=create_diki_model("diki-test-tiny", seed=0))
         assert [t.name for t in model.tasks] == ["quads"]
@@ -457,15 +458,15 @@ def test_a_worker_streams_the_same_part_it_would_cache(tmp_path: Path, world: in
     records as the cached path, exactly ``steps`` full batches per epoch, reshuffled per epoch."""
     import pyarrow.fs as pafs
 
-    from services.training import _WorkerData
+    from services.training.worker import WorkerData
 
     root = make_dataset(tmp_path / "q", "q", QUADS, background=60, seed=0, n_train=150, shard_rows=40)
 
     def preprocess(image: Image.Image) -> torch.Tensor:
         return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
 
-    def worker(cache_bytes: int) -> _WorkerData:
-        w = _WorkerData(pafs.LocalFileSystem(), root, rank, world, preprocess, 0.1, 3, cache_bytes)
+    def worker(cache_bytes: int) -> WorkerData:
+        w = WorkerData(pafs.LocalFileSystem(), root, rank, world, preprocess, 0.1, 3, cache_bytes)
         w.scan(None)
         return w
 

@@ -152,10 +152,10 @@ LOCK_HOLDER = """
 import sys, time
 from services.settings import Settings
 from services.storage import open_storage
-from pipelines.state import StorageLock
+from services.lock import LearningLock
 
 settings = Settings.load(sys.argv[1])
-lock = StorageLock(open_storage(settings), settings, purpose="learning elsewhere")
+lock = LearningLock(open_storage(settings), settings, purpose="learning elsewhere")
 assert lock.acquire()
 print("held", flush=True)
 time.sleep(600)
@@ -164,9 +164,9 @@ time.sleep(600)
 
 def test_a_second_watcher_does_not_learn_while_another_process_holds_the_lock(prefect_api, bucket, tmp_path):
     """The storage lock spans processes; a holder that dies (SIGKILL) leaves a lock that is taken over."""
-    from pipelines.flows import learning_slot
-    from pipelines.state import StorageLock
+    from pipelines.learning import learning_slot
     from pipelines.watcher import watch_incoming
+    from services.lock import LearningLock
     from services.storage import open_storage
 
     config = write_config(tmp_path, bucket)
@@ -182,7 +182,7 @@ def test_a_second_watcher_does_not_learn_while_another_process_holds_the_lock(pr
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        seen = StorageLock(storage, settings).holder()
+        seen = LearningLock(storage, settings).holder()
         assert seen is not None and seen.pid == holder.pid and seen.purpose == "learning elsewhere"
 
         outcome = watch_incoming(config=str(config))
@@ -199,10 +199,10 @@ def test_a_second_watcher_does_not_learn_while_another_process_holds_the_lock(pr
         holder.wait(timeout=30)
     # The holder is gone without releasing: its lock is stale at once (same host, dead pid).
     assert storage.is_file("artifacts/pipeline/learning.lock")
-    assert StorageLock(storage, settings).holder() is None
+    assert LearningLock(storage, settings).holder() is None
     with learning_slot(settings) as slot:
         assert slot.acquired and slot.lock is not None and slot.lock.held
-        assert StorageLock(storage, settings).holder() is not None
+        assert LearningLock(storage, settings).holder() is not None
         with learning_slot(settings) as second:
             assert not second.acquired
     assert not storage.exists("artifacts/pipeline/learning.lock")

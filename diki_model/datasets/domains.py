@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image
 
-from diki_model.data.format import Manifest, encode_png, resolve, write_dataset
+from diki_model.data.format import Manifest, resolve
+from diki_model.data.writing import encode_png, write_dataset
 from diki_model.datasets import procedural as P
 from diki_model.datasets import sources as S
 

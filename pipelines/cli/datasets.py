@@ -45,7 +45,8 @@ def push(
 ) -> None:
     """Upload a dataset to incoming/NAME/: every file first, the _SUCCESS marker last. The watcher learns it."""
     from diki_model.data import DatasetError, convert_image_folder, read_manifest
-    from pipelines.flows import mlflow_ui, serve_url
+    from pipelines.flows import mlflow_ui
+    from pipelines.learning import serve_url
     from pipelines.prefect_runtime import prefect_ui_url
     from services.storage import StorageError, open_storage, validate_dataset_name
 

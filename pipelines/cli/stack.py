@@ -9,9 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pipelines.cli.config import ConfigOption, load_settings
-from pipelines.stack_services import STACK_SERVICES
 from services.settings import CONFIG_ENV
-from services.stack import ServiceStatus, Stack, StackError
+from services.stack import STACK_SERVICES, ServiceStatus, Stack, StackError
 
 stack_app = typer.Typer(
     help=(

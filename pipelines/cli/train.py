@@ -30,14 +30,19 @@ def train(
     base: Annotated[
         int | None, typer.Option("--base", min=1, help="Version to extend (default: production, else latest).")
     ] = None,
+    wait: Annotated[
+        float,
+        typer.Option("--wait", min=0, help="Seconds to wait while another process (e.g. the watcher) is learning."),
+    ] = 3600.0,
     config: ConfigOption = None,
 ) -> None:
-    """Learn DATASET_URI as a new task: train on Ray, evaluate, register as candidate, promote if the gate passes."""
+    """Learn DATASET_URI as a new task: the watcher's learning step (train, evaluate, register, promote, reload)."""
     from rich.console import Console
     from rich.table import Table
 
+    from pipelines.learning import CURRENT, LearningBusyError, learn_dataset
     from services.registry import RegistryError
-    from services.training import CURRENT, TrainingError, TrainingInputError, learn_dataset
+    from services.training import TrainingError, TrainingInputError
 
     settings = load_settings(config)
     console = Console()
@@ -50,9 +55,12 @@ def train(
             epochs=epochs,
             heldout=heldout or None,
             base_version=base if base is not None else CURRENT,
+            lock_wait_s=wait,
         )
     except TrainingInputError as exc:
         raise _fail(str(exc), 2) from None
+    except LearningBusyError as exc:
+        raise _fail(f"{exc} (waited {wait:.0f} s)", 3) from None
     except (TrainingError, RegistryError) as exc:
         raise _fail(str(exc)) from None
     if outcome.reused:
@@ -65,7 +73,7 @@ def train(
     assert job is not None and matrix is not None and decision is not None
     console.print(
         f"Learned task [bold]{job.task_name}[/bold] (index {job.task_index}) -> version [bold]{outcome.version}[/bold]"
-        f" with tasks {job.tasks}"
+        f" with tasks {job.tasks}" + (f" (extends version {outcome.base_version})" if outcome.base_version else "")
     )
     last = job.history[-1] if job.history else {}
     console.print(
@@ -84,7 +92,7 @@ def train(
     if metrics:
         console.print(f"  {metrics}")
     verdict = "[green]passed[/green]: now production" if outcome.promoted else "[yellow]refused[/yellow]: candidate"
-    console.print(f"Promotion gate {verdict}")
+    console.print(f"Promotion {verdict}")
     for reason in decision.reasons:
         console.print(f"  - {reason}")
 
@@ -103,7 +111,7 @@ def tasks(config: ConfigOption = None) -> None:
         console.print(f"No version of {settings.mlflow.registry_model_name!r} is registered yet.")
         return
     table = Table(title=f"Registered model {settings.mlflow.registry_model_name!r}")
-    for name in ("version", "aliases", "tasks", "new task dataset", "gate", "created"):
+    for name in ("version", "aliases", "tasks", "new task dataset", "promotion", "created"):
         table.add_column(name)
     for v in versions:
         table.add_row(
@@ -111,7 +119,7 @@ def tasks(config: ConfigOption = None) -> None:
             ", ".join(v.aliases),
             " > ".join(v.tasks),
             v.tags.get("dataset_fingerprint", "")[:12],
-            v.tags.get("gate", ""),
+            v.tags.get("promotion", v.tags.get("gate", "")),
             v.created.strftime("%Y-%m-%d %H:%M:%S"),
         )
     console.print(table)
@@ -121,7 +129,7 @@ def promote(
     version: Annotated[int, typer.Argument(min=1, help="The version to serve.")],
     config: ConfigOption = None,
 ) -> None:
-    """Point the production alias at VERSION (an operator's override: the gate is not applied)."""
+    """Point the production alias at VERSION (an operator's override: the promotion policy is not applied)."""
     from services.registry import Registry, RegistryError
 
     registry = Registry(load_settings(config))

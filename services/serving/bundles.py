@@ -10,6 +10,10 @@
 - :class:`BundleWatcher` asks the registry which version an alias names and downloads it. Every
   call is bounded in time; failures are recorded (and counted in the metrics), never raised into
   the request path.
+- :class:`BundleLifecycle` is the replica's side of hot swap: it holds the current snapshot, loads
+  the first one, follows the source (the registry alias, or a local folder) on request and from a
+  polling thread, and switches each new snapshot in with one assignment. When the registry is
+  unreachable it keeps the last good snapshot.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import itertools
+import logging
 import re
 import shutil
 import tempfile
@@ -25,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -38,8 +43,14 @@ from diki_model import (
     read_bundle_manifest,
     read_task_metadata,
 )
+from services.serving.schemas import ReloadResponse
 
-__all__ = ["BundleWatcher", "ModelLoader", "RegistryUnavailable", "ServedModel", "redact"]
+if TYPE_CHECKING:
+    from services.serving.metrics import ServingMetrics
+
+__all__ = ["BundleLifecycle", "BundleWatcher", "ModelLoader", "RegistryUnavailable", "ServedModel", "redact"]
+
+log = logging.getLogger("diki.serving")
 
 T = TypeVar("T")
 
@@ -281,3 +292,156 @@ class BundleWatcher:
             return loader.load_dir(path, version, f"registry alias {self.alias!r} (version {version})")
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+class BundleLifecycle:
+    """The snapshot one replica serves, and how it follows its source.
+
+    The source is a local bundle folder (``bundle_dir``: loaded at start, reloaded on request, no
+    polling), else the registry alias through ``watcher`` (followed at start, on request and every
+    ``poll_interval_s`` from a daemon thread), else nothing (zero-shot). Readers take
+    :attr:`current` once and keep that reference; :meth:`refresh` replaces it in one assignment.
+
+    Args:
+        loader: builds the snapshots.
+        watcher: the registry side; None when no registry is followed.
+        metrics: the replica's metrics (reloads, the served bundle).
+        bundle_dir / bundle_version: the local folder to serve instead of the registry, and the
+            version it is announced as.
+        alias: the registry alias followed (for messages).
+        poll_interval_s: seconds between two checks of the alias.
+    """
+
+    def __init__(
+        self,
+        loader: ModelLoader,
+        watcher: BundleWatcher | None,
+        metrics: ServingMetrics,
+        *,
+        bundle_dir: str | None = None,
+        bundle_version: int = 0,
+        alias: str = "production",
+        poll_interval_s: float = 30.0,
+    ) -> None:
+        self.loader = loader
+        self.watcher = watcher
+        self.metrics = metrics
+        self.bundle_dir = bundle_dir
+        self.bundle_version = bundle_version
+        self.alias = alias
+        self.poll_interval_s = poll_interval_s
+        self.last_error: str | None = None
+        self._reload_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.current: ServedModel = self._initial_state()
+        self._publish(self.current)
+
+    def start_polling(self) -> None:
+        """Follow the registry alias from a daemon thread until :meth:`stop` (nothing to poll without a registry)."""
+        if self.watcher is not None:
+            threading.Thread(target=self._poll_loop, name="diki-bundle-poll", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _initial_state(self) -> ServedModel:
+        if self.bundle_dir:
+            # A configured folder that cannot be loaded is a deployment error: fail loudly.
+            return self.loader.load_dir(self.bundle_dir, self.bundle_version, f"folder {self.bundle_dir}")
+        if self.watcher is not None:
+            try:
+                version = self.watcher.alias_version()
+                if version is not None:
+                    state = self.watcher.fetch(version, self.loader)
+                    self.metrics.reloads.labels("loaded").inc()
+                    return state
+            except Exception as err:  # noqa: BLE001 - start zero-shot and keep trying in the background
+                self._record_error(err)
+        return self.loader.zero_shot()
+
+    def _record_error(self, err: BaseException) -> None:
+        self.last_error = describe_error(err)
+        if not isinstance(err, RegistryUnavailable):
+            self.metrics.reloads.labels("failed").inc()
+        log.warning("bundle reload failed: %s", self.last_error)
+
+    def _publish(self, state: ServedModel) -> None:
+        self.metrics.set_bundle(state.version, state.model.num_tasks, state.loaded_at)
+
+    def refresh(self) -> ReloadResponse:
+        """Follow the source now: load the version the alias names if it is not the one served, then swap.
+
+        Raises:
+            RegistryUnavailable: the registry could not be asked (the served snapshot stays).
+            Exception: the bundle could not be loaded (recorded; the served snapshot stays).
+        """
+        with self._reload_lock:
+            previous = self.current.version
+            if self.watcher is None:
+                if not self.bundle_dir:
+                    return ReloadResponse(
+                        changed=False,
+                        bundle_version=previous,
+                        previous_version=previous,
+                        registry_version=None,
+                        message="no registry configured: serving zero-shot",
+                    )
+                try:
+                    state = self.loader.load_dir(self.bundle_dir, self.bundle_version, f"folder {self.bundle_dir}")
+                except Exception as err:  # noqa: BLE001 - recorded; the served model stays
+                    self._record_error(err)
+                    raise
+                self._swap(state)
+                return ReloadResponse(
+                    changed=True,
+                    bundle_version=state.version,
+                    previous_version=previous,
+                    registry_version=None,
+                    message=f"reloaded {self.bundle_dir}",
+                )
+            try:
+                version = self.watcher.alias_version()
+                if version is None:
+                    self.last_error = None
+                    return ReloadResponse(
+                        changed=False,
+                        bundle_version=previous,
+                        previous_version=previous,
+                        registry_version=None,
+                        message=f"registry alias {self.alias!r} is not set; keeping the served model",
+                    )
+                if version == previous:
+                    self.last_error = None
+                    return ReloadResponse(
+                        changed=False,
+                        bundle_version=previous,
+                        previous_version=previous,
+                        registry_version=version,
+                        message=f"already serving version {version}",
+                    )
+                state = self.watcher.fetch(version, self.loader)
+            except Exception as err:  # noqa: BLE001 - recorded; the last good model keeps serving
+                self._record_error(err)
+                raise
+            self._swap(state)
+            self.metrics.reloads.labels("loaded").inc()
+            return ReloadResponse(
+                changed=True,
+                bundle_version=version,
+                previous_version=previous,
+                registry_version=version,
+                message=f"switched from {previous if previous is not None else 'zero-shot'} to version {version}",
+            )
+
+    def _swap(self, state: ServedModel) -> None:
+        self.current = state  # the switch: one reference assignment
+        self.last_error = None
+        self._publish(state)
+        log.info("serving bundle version %s (%d tasks)", state.version, state.model.num_tasks)
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - recorded by refresh(); try again next interval
+                pass

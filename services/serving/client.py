@@ -8,7 +8,6 @@ never retried and raise :class:`ServingError` with the server's code and message
 from __future__ import annotations
 
 import base64
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,13 +15,7 @@ from typing import Any
 
 import httpx
 
-__all__ = [
-    "DEFAULT_URL",
-    "ServingClient",
-    "ServingError",
-    "classify",
-    "reload",
-]
+__all__ = ["DEFAULT_URL", "ServingClient", "ServingError"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 API_KEY_HEADER = "X-API-Key"
@@ -182,19 +175,3 @@ def _error(method: str, url: str, response: httpx.Response) -> ServingError:
         message = None
     text = message or response.text[:300] or response.reason_phrase
     return ServingError(f"{method} {url}: HTTP {response.status_code}: {text}", response.status_code, code, field)
-
-
-def _default_key(api_key: str | None) -> str | None:
-    return api_key if api_key is not None else os.environ.get("DIKI_SERVE__API_KEY") or None
-
-
-def classify(image: ImageInput, url: str = DEFAULT_URL, api_key: str | None = None, **options: Any) -> dict[str, Any]:
-    """One-call form of :meth:`ServingClient.classify` (API key from ``DIKI_SERVE__API_KEY`` when not given)."""
-    with ServingClient(url, _default_key(api_key)) as client:
-        return client.classify(image, **options)
-
-
-def reload(url: str = DEFAULT_URL, api_key: str | None = None, timeout_s: float = 600.0) -> dict[str, Any]:
-    """Tell the server to follow the registry alias now; returns the reload answer (``bundle_version``)."""
-    with ServingClient(url, _default_key(api_key), timeout_s=timeout_s) as client:
-        return client.reload()

@@ -6,12 +6,14 @@ answered, so scrape the replicas (or aggregate with Ray's metrics export) for cl
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["CONTENT_TYPE_LATEST", "ServingMetrics", "current", "set_current"]
+__all__ = ["CONTENT_TYPE_LATEST", "MetricsMiddleware", "ServingMetrics", "current", "set_current"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -116,3 +118,35 @@ def set_current(metrics: ServingMetrics) -> None:
 
 def current() -> ServingMetrics | None:
     return _current
+
+
+_DOC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+
+
+class MetricsMiddleware:
+    """Counts every HTTP answer by route template and status, and times it (pure ASGI: bodies stream through)."""
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        metrics = current()
+        if scope["type"] != "http" or metrics is None:
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def record(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            route = getattr(scope.get("route"), "path", None)
+            if route is None:  # FastAPI's own documentation routes do not record themselves
+                route = scope.get("path") if scope.get("path") in _DOC_PATHS else "unmatched"
+            metrics.observe_request(route, status, time.perf_counter() - start)

@@ -1,0 +1,3 @@
+"""The model library's version, recorded in every artifact it writes."""
+
+__version__ = "0.1.0"
