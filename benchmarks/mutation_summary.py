@@ -2,30 +2,39 @@
 
 Reads mutmut's per-file results (``mutants/<path>.meta``) and writes
 ``benchmarks/results/mutation.json`` (killed / survived / timeout / ... and the score, overall and
-per module) and ``benchmarks/results/mutation.md`` (the figures and every surviving mutant with its
-diff). Survivors that are equivalent to the original code (no test can tell them apart) are listed
-with their reason in ``benchmarks/mutation_equivalent.json`` ({mutant name: {"diff": the changed
-line, "reason": why it is equivalent}}); an entry whose diff no longer matches is ignored, so a
-renumbered mutant shows up as unexplained instead of silently keeping an old reason.
+per module) and ``benchmarks/results/mutation.md`` (the figures and every surviving mutant).
 
-Score = (killed + timeout) / (all mutants - skipped), as mutmut's own badge computes it ("no tests"
-mutants count against it). ``score_excluding_equivalent`` also leaves the explained equivalent
-survivors out of the denominator. ``--min-score`` makes the command fail below a threshold.
+Every survivor is either unexplained (listed with its diff: kill it with a test), or explained:
+
+- ``message``: the mutant changes only the text of an exception's message (the string that is
+  the first argument of ``SomethingError(...)``), recognised here token by token;
+- ``equivalent``: listed by hand in ``benchmarks/mutation_equivalent.json`` as
+  ``{"function": mutmut's function name, "change": [the diff's -/+ lines], "reason": ...}``. An
+  entry matches on the function and the changed lines, not on mutmut's running number, so it
+  survives renumbering; one whose lines no longer match is ignored and its mutant shows up as
+  unexplained instead of silently keeping an old reason.
+
+Score = (killed + timeout) / (mutants - skipped), as mutmut's own badge computes it ("no tests"
+mutants count against it); ``score_excluding_explained`` leaves the explained survivors out of the
+denominator. ``--min-score`` makes the command fail when that one is lower.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
 import sys
+import tokenize
 from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 EQUIVALENT_FILE = ROOT / "benchmarks" / "mutation_equivalent.json"
+NOT_MESSAGE_FIRST = {"ImageDecodeError"}  # exceptions whose first argument is not their message
 STATUSES = ("killed", "survived", "timeout", "no tests", "suspicious", "segfault", "skipped", "not checked")
 
 
@@ -75,22 +84,68 @@ def mutant_diff(name: str, source: str, mutmut: str) -> str:
 
 def changed_lines(diff: str) -> list[str]:
     """The ``-``/``+`` lines of a diff (without the file headers): what identifies a mutant's change."""
-    return [
-        line.rstrip()
-        for line in diff.splitlines()
-        if line[:1] in "-+" and not line.startswith(("---", "+++"))
-    ]
+    return [line.rstrip() for line in diff.splitlines() if line[:1] in "-+" and not line.startswith(("---", "+++"))]
 
 
-def score(counts: Counter, equivalent: int = 0) -> float | None:
-    tested = sum(counts.values()) - counts["skipped"] - equivalent
+def _tokens(line: str) -> list[tuple[int, str]]:
+    out = []
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(line.strip() + "\n").readline):
+            if tok.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER, tokenize.COMMENT):
+                out.append((tok.type, tok.string))
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        pass  # an unclosed bracket at the end of a line: the tokens so far are enough
+    return out
+
+
+def message_only(diff: str) -> bool:
+    """True when the mutant changes only an exception message: the first argument of ``...Error(``."""
+    changed = changed_lines(diff)
+    if len(changed) != 2 or not (changed[0].startswith("-") and changed[1].startswith("+")):
+        return False
+    old, new = _tokens(changed[0][1:]), _tokens(changed[1][1:])
+    if len(old) != len(new):
+        return False
+    diffs = [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b]
+    if len(diffs) != 1 or diffs[0] < 2:
+        return False
+    i = diffs[0]
+    t_old, (t_new, s_new) = old[i][0], new[i]
+    is_message = t_old == tokenize.STRING and (t_new == tokenize.STRING or s_new == "None")
+    # ImageDecodeError(code, message): its first argument is a machine-readable code, not text.
+    name = old[i - 2][1] if old[i - 2][0] == tokenize.NAME else ""
+    call = name.endswith(("Error", "Exception")) and name not in NOT_MESSAGE_FIRST and old[i - 1][1] == "("
+    return is_message and call
+
+
+def score(counts: Counter, explained: int = 0) -> float | None:
+    tested = sum(counts.values()) - counts["skipped"] - explained
     if tested <= 0:
         return None
     return round(100.0 * (counts["killed"] + counts["timeout"]) / tested, 2)
 
 
+def load_equivalent() -> dict[str, list[dict]]:
+    entries = json.loads(EQUIVALENT_FILE.read_text()) if EQUIVALENT_FILE.exists() else []
+    by_function: dict[str, list[dict]] = {}
+    for entry in entries:
+        by_function.setdefault(entry["function"], []).append(entry)
+    return by_function
+
+
+def explain(name: str, diff: str, equivalent: dict[str, list[dict]]) -> tuple[str, str] | None:
+    function = name.rpartition("__mutmut_")[0]
+    lines = changed_lines(diff)
+    for entry in equivalent.get(function, []):
+        if [line.rstrip() for line in entry["change"]] == lines:
+            return "equivalent", entry["reason"]
+    if message_only(diff):
+        return "message", "changes only the text of an exception message"
+    return None
+
+
 def summarise(results: dict[str, dict[str, str]], mutmut: str, wall_s: float | None, command: str) -> tuple[dict, str]:
-    equivalent_notes = json.loads(EQUIVALENT_FILE.read_text()) if EQUIVALENT_FILE.exists() else {}
+    equivalent = load_equivalent()
     counts: Counter = Counter()
     modules = {}
     survivors = []
@@ -101,12 +156,11 @@ def summarise(results: dict[str, dict[str, str]], mutmut: str, wall_s: float | N
         for name, status in mutants.items():
             if status in ("survived", "no tests", "suspicious"):
                 diff = mutant_diff(name, source, mutmut)
-                note = equivalent_notes.get(name)
-                reason = None
-                if note and changed_lines(note["diff"]) == changed_lines(diff):
-                    reason = note["reason"]
-                survivors.append({"name": name, "module": source, "status": status, "diff": diff, "equivalent": reason})
-    n_equivalent = sum(1 for s in survivors if s["equivalent"])
+                kind, reason = explain(name, diff, equivalent) or (None, None)
+                survivors.append(
+                    {"name": name, "module": source, "status": status, "diff": diff, "kind": kind, "reason": reason}
+                )
+    n_explained = sum(1 for s in survivors if s["kind"])
     summary = {
         "tool": "mutmut 3.8.1",
         "command": command,
@@ -114,9 +168,10 @@ def summarise(results: dict[str, dict[str, str]], mutmut: str, wall_s: float | N
         "mutants": sum(counts.values()),
         **{s.replace(" ", "_"): counts[s] for s in STATUSES},
         "score": score(counts),
-        "equivalent_survivors": n_equivalent,
-        "unexplained_survivors": len(survivors) - n_equivalent,
-        "score_excluding_equivalent": score(counts, n_equivalent),
+        "message_survivors": sum(1 for s in survivors if s["kind"] == "message"),
+        "equivalent_survivors": sum(1 for s in survivors if s["kind"] == "equivalent"),
+        "unexplained_survivors": len(survivors) - n_explained,
+        "score_excluding_explained": score(counts, n_explained),
         "modules": modules,
         "survivors": [{k: v for k, v in s.items() if k != "diff"} for s in survivors],
     }
@@ -130,14 +185,16 @@ def markdown(summary: dict, survivors: list[dict]) -> str:
         "",
         f"`{summary['command']}` ({summary['tool']}" + (f", {wall / 60:.1f} min wall" if wall else "") + ").",
         "",
-        "| killed | survived | timeout | no tests | suspicious | mutants | score | score without equivalent |",
+        "| killed | survived | timeout | no tests | mutants | score | explained survivors | score without them |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {summary['killed']} | {summary['survived']} | {summary['timeout']} | {summary['no_tests']} | "
-        f"{summary['suspicious']} | {summary['mutants']} | {summary['score']}% | {summary['score_excluding_equivalent']}% |",
+        f"{summary['mutants']} | {summary['score']}% | "
+        f"{summary['message_survivors'] + summary['equivalent_survivors']} | {summary['score_excluding_explained']}% |",
         "",
-        "Score = (killed + timeout) / (mutants - skipped). mutmut 3 mutates only function bodies and leaves",
-        "decorated functions (`@torch.no_grad`, `@property`, `@contextmanager`, ...) alone; see the",
-        "notes in `benchmarks/mutation_equivalent.json` for how those are covered.",
+        "Score = (killed + timeout) / (mutants - skipped). Explained survivors: equivalent mutants (no test",
+        "can tell them from the code, reasons below) and mutants that change only an exception's message",
+        "text. mutmut 3 mutates function bodies only, and no decorated function (`@torch.no_grad`,",
+        "`@property`, `@contextmanager`, ...): those are outside these figures.",
         "",
         "## Per module",
         "",
@@ -149,18 +206,22 @@ def markdown(summary: dict, survivors: list[dict]) -> str:
             f"| `{module}` | {m['mutants']} | {m.get('killed', 0)} | {m.get('survived', 0)} | {m.get('timeout', 0)} | "
             f"{m.get('no tests', 0)} | {m['score']}% |"
         )
-    unexplained = [s for s in survivors if not s["equivalent"]]
-    equivalent = [s for s in survivors if s["equivalent"]]
-    lines += ["", f"## Survivors without an explanation ({len(unexplained)})", ""]
+    unexplained = [s for s in survivors if not s["kind"]]
+    lines += ["", f"## Unexplained survivors ({len(unexplained)})", ""]
     if not unexplained:
         lines.append("None.")
     for s in unexplained:
         lines += [f"### `{s['name']}` ({s['status']})", "", "```diff", s["diff"], "```", ""]
+    equivalent = [s for s in survivors if s["kind"] == "equivalent"]
     lines += ["", f"## Equivalent survivors ({len(equivalent)})", ""]
-    lines += ["No test can tell these from the original code:", ""] if equivalent else ["None."]
     for s in equivalent:
-        changed = " / ".join(f"`{line}`" for line in changed_lines(s["diff"]))
-        lines.append(f"- `{s['name']}`: {changed}. {s['equivalent']}")
+        changed = " → ".join(f"`{line[1:].strip()}`" for line in changed_lines(s["diff"]))
+        lines.append(f"- `{s['name']}`: {changed}. {s['reason']}")
+    messages = [s for s in survivors if s["kind"] == "message"]
+    lines += ["", f"## Survivors that change only an exception message ({len(messages)})", ""]
+    for s in messages:
+        changed = " → ".join(f"`{line[1:].strip()}`" for line in changed_lines(s["diff"]))
+        lines.append(f"- `{s['name']}`: {changed}")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -170,7 +231,7 @@ def main() -> int:
     parser.add_argument("--mutmut", default=str(Path(sys.executable).with_name("mutmut")), help="the mutmut command")
     parser.add_argument("--wall-seconds", type=float, default=None, help="wall time of the run, for the record")
     parser.add_argument("--command", default="make mutate", help="the command that produced the run")
-    parser.add_argument("--min-score", type=float, default=None, help="fail when score_excluding_equivalent is lower")
+    parser.add_argument("--min-score", type=float, default=None, help="fail when score_excluding_explained is lower")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     os.chdir(ROOT)  # mutmut reads its work folder relative to the repository root
@@ -184,11 +245,12 @@ def main() -> int:
     (args.out / "mutation.md").write_text(md)
     print(
         f"mutants {summary['mutants']}: killed {summary['killed']}, survived {summary['survived']}, "
-        f"timeout {summary['timeout']}, no tests {summary['no_tests']}; score {summary['score']}% "
-        f"({summary['score_excluding_equivalent']}% without {summary['equivalent_survivors']} equivalent); "
-        f"{summary['unexplained_survivors']} unexplained survivors -> {args.out / 'mutation.md'}"
+        f"timeout {summary['timeout']}, no tests {summary['no_tests']}; score {summary['score']}%, "
+        f"{summary['score_excluding_explained']}% without {summary['message_survivors']} message-only and "
+        f"{summary['equivalent_survivors']} equivalent survivors; {summary['unexplained_survivors']} unexplained "
+        f"-> {args.out / 'mutation.md'}"
     )
-    if args.min_score is not None and (summary["score_excluding_equivalent"] or 0.0) < args.min_score:
+    if args.min_score is not None and (summary["score_excluding_explained"] or 0.0) < args.min_score:
         print(f"mutation score below {args.min_score}%", file=sys.stderr)
         return 1
     return 0

@@ -22,6 +22,14 @@ from diki_model.config import DikiConfig
 from diki_model.evaluate import EvalResult, evaluate
 from diki_model.metrics import StreamMetrics, plot_heatmap, stream_metrics
 from diki_model.model import DikiCLIP, Prediction, TaskRecord, create_diki_model
+from diki_model.probe import (
+    Learnability,
+    LearnedVerdict,
+    frozen_features,
+    learned_verdict,
+    linear_probe_accuracy,
+    task_counts,
+)
 from diki_model.stats import Gaussian, GaussianAccumulator, GaussianScorer, ScoreStats
 from diki_model.train import (
     EpochResult,
@@ -55,6 +63,8 @@ __all__ = [
     "DikiConfig",
     "EpochResult",
     "Gaussian",
+    "Learnability",
+    "LearnedVerdict",
     "GaussianAccumulator",
     "GaussianScorer",
     "PaperGate",
@@ -73,8 +83,11 @@ __all__ = [
     "collect_statistics",
     "create_diki_model",
     "fingerprint_model",
+    "frozen_features",
     "inject_residual_kv",
     "learn_task",
+    "learned_verdict",
+    "linear_probe_accuracy",
     "load_backbone",
     "load_task",
     "make_gate",
@@ -85,6 +98,7 @@ __all__ = [
     "save_task",
     "split_train_val",
     "stream_metrics",
+    "task_counts",
     "tensor_batches",
     "train_task",
 ]

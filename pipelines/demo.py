@@ -148,12 +148,34 @@ def probe_once(client: Any, probes: Sequence[ProbeSet], state: DemoState, learne
                 stats.correct += item["label"] == truth
 
 
-def render(state: DemoState, probes: Sequence[ProbeSet]) -> Any:
+def stacked(name: str) -> str:
+    """A column header on several short lines: broken after each hyphen and at spaces, "(held-out)" kept whole."""
+    parts: list[str] = []
+    for word in name.split(" "):
+        if word.startswith("("):
+            parts.append(word)
+            continue
+        pieces = word.split("-")
+        parts += [p + "-" for p in pieces[:-1]] + [pieces[-1]]
+    return "\n".join(p for p in parts if p)
+
+
+def compact_table(title: str) -> Any:
+    """A table that fits 80 columns (or a pipe, which rich renders at 80): no outer box, one space between
+    columns, headers that wrap rather than cut (names are never shortened to "shape-co…")."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"diki demo  ({time.monotonic() - state.started:.0f}s, production: v{state.version or '-'})")
-    for col in ("domain", "state", "probes", "routed to itself", "accuracy", "mean gate", "out of distribution"):
-        table.add_column(col, justify="left" if col in ("domain", "state") else "right")
+    return Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False)
+
+
+def render(state: DemoState, probes: Sequence[ProbeSet]) -> Any:
+    table = compact_table(f"diki demo  ({time.monotonic() - state.started:.0f}s, production: v{state.version or '-'})")
+    table.add_column("domain", no_wrap=True, min_width=max([len(p.name) for p in probes] or [6]))
+    table.add_column("state", overflow="fold", min_width=12)
+    for col in ("probes", "routed to itself", "accuracy", "mean gate", "out of distribution"):
+        header = col.replace(" ", "\n", 1) if col != "out of distribution" else "out of\ndistribution"
+        table.add_column(header, justify="right", overflow="fold", min_width=max(map(len, header.split("\n"))))
     for p in probes:
         s = state.probes.get(p.name, ProbeStats())
         phase = state.phase.get(p.name, "held-out (never learned)" if p.kind == "heldout" else "waiting")
@@ -208,6 +230,7 @@ def run_demo(
     from rich.live import Live
 
     from pipelines.prefect_runtime import configure_prefect
+    from pipelines.state import Stage, StateStore
     from pipelines.watcher import run_watcher
     from services.ray_runtime import ensure_ray, shutdown_ray
     from services.registry import Registry
@@ -224,6 +247,7 @@ def run_demo(
     settings = Settings.load(config)
     paths = build_data(data_dir, [*tasks, *heldout], echo)
     storage = open_storage(settings)
+    records = StateStore(storage, settings)
     for name in heldout:
         if not storage.exists(f"heldout/{name}/manifest.json"):
             storage.copy_tree(paths[name], f"heldout/{name}")
@@ -263,7 +287,13 @@ def run_demo(
                     storage.copy_tree(paths[name], f"incoming/{name}")
 
                 def settled(name: str = name) -> bool:
-                    # Done when a version holding the task is served, or the gate kept it a candidate.
+                    # Done when a version holding the task is served, its promotion was refused (a
+                    # candidate), or the task was not learned (nothing registered).
+                    record = records.get(name)
+                    if record is not None and record.stage == Stage.NOT_LEARNED:
+                        why = (record.error or "it did not beat zero-shot").split("; ")[0]
+                        state.phase[name] = f"not learned: {why}"[:90]
+                        return True
                     for info in registry.list_versions():
                         if name not in info.tasks or info.tasks[-1] != name:
                             continue
@@ -272,10 +302,10 @@ def run_demo(
                             if client.ready().get("bundle_version") == info.version:
                                 state.phase[name] = f"served (v{info.version})"
                                 return True
-                        elif info.tags.get("gate") and info.tags.get("gate") != "passed":
-                            reasons = json.loads(info.tags.get("gate_reasons") or "[]") or [""]
-                            reason = str(reasons[0])[:70]
-                            state.phase[name] = f"candidate v{info.version}, gate refused: {reason}"
+                        elif info.tags.get("promotion") and info.tags.get("promotion") != "passed":
+                            reasons = json.loads(info.tags.get("promotion_reasons") or "[]") or [""]
+                            reason = next((r for r in reasons if "does not" in r or "drop" in r), reasons[0])
+                            state.phase[name] = f"candidate v{info.version}, promotion refused: {str(reason)[:70]}"
                             return True
                     return False
 
@@ -299,20 +329,24 @@ def run_demo(
         shutdown_ray()
 
 
-def summarize(settings: Any, registry: Any, state: DemoState, home: Path, url: str, console: Any) -> dict[str, Any]:
-    from rich.table import Table
+def matrix_table(matrix: Any, version: int | None) -> Any:
+    """The accuracy matrix (%) as a table readable at 80 columns: one row per learning step."""
+    table = compact_table(f"accuracy (%) after each step, bundle v{version}")
+    table.add_column("after", no_wrap=True, min_width=max([len(r) for r in matrix.rows] or [5]))
+    for c in matrix.columns:
+        header = stacked(c.name + (" (held-out)" if c.kind == "heldout" else ""))
+        table.add_column(header, justify="right", overflow="fold", min_width=max(map(len, header.split("\n"))))
+    for row, accs in zip(matrix.rows, matrix.acc, strict=True):
+        table.add_row(row, *[f"{a:.1f}" for a in accs])
+    return table
 
+
+def summarize(settings: Any, registry: Any, state: DemoState, home: Path, url: str, console: Any) -> dict[str, Any]:
     version = registry.get_alias("production")
     matrix = registry.get_matrix(version) if version else None
     summary: dict[str, Any] = {"production_version": version, "tasks": state.tasks}
     if matrix is not None:
-        table = Table(title=f"accuracy (%) after each step, bundle v{version}")
-        table.add_column("after")
-        for c in matrix.columns:
-            table.add_column(c.name + (" (held-out)" if c.kind == "heldout" else ""), justify="right")
-        for row, accs in zip(matrix.rows, matrix.acc, strict=True):
-            table.add_row(row, *[f"{a:.1f}" for a in accs])
-        console.print(table)
+        console.print(matrix_table(matrix, version))
         metrics = matrix.stream_metrics()
         retention = matrix.zero_shot_retention()
         heatmap = matrix.heatmap(home / "heatmap.png")

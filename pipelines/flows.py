@@ -49,7 +49,7 @@ LEARN_FLOW: Final = "diki-learn-dataset"
 MAX_ATTEMPTS: Final = 3  # failed runs of one drop before it is quarantined (or marked failed)
 _RETRY_DELAYS: Final = [2, 5, 15]
 _PRE_REGISTRATION: Final = frozenset({Stage.VALIDATING, Stage.VALIDATED, Stage.ACCEPTED, Stage.TRAINED,
-                                      Stage.EVALUATED, Stage.TRACKING})  # fmt: skip
+                                      Stage.LEARNED, Stage.EVALUATED, Stage.TRACKING})  # fmt: skip
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
@@ -181,19 +181,51 @@ def accept_step(ctx: LearningContext, record: DatasetRecord) -> DatasetRecord | 
             return None
     existing = ctx.registry.find_version_by_dataset(record.fingerprint)
     if existing is not None:
-        twin = next(
-            (r for r in store.all() if r.fingerprint == record.fingerprint and r.name != record.name and r.version),
+        import json
+
+        from services.registry import TAG_PROMOTION, TAG_PROMOTION_REASONS
+
+        info = ctx.registry.get_version(existing)
+        # Who learned this content: the name the version was registered for, else a record that learned
+        # it (never another duplicate: two duplicates must not point at each other).
+        learner = info.tags.get("dataset_name") or next(
+            (
+                r.name
+                for r in store.all()
+                if r.fingerprint == record.fingerprint and r.version and r.stage != Stage.DUPLICATE
+            ),
             None,
         )
-        storage.delete_tree(record.location)
-        note = f"same content as {twin.name!r}" if twin else "same content learned before"
+        if record.location != dst:
+            storage.delete_tree(record.location)  # the drop in incoming/; never the accepted copy a version names
+        if learner != record.name:
+            note = f"same content as {learner!r}" if learner else "same content learned before"
+            return store.advance(record, Stage.DUPLICATE, note, version=existing, duplicate_of=learner, location="")
+        # This name re-dropped the content it learned (and is served with): the record keeps what the
+        # learned dataset is (its accepted location, task, version, run) and says the drop was a duplicate.
+        fp = record.fingerprint
+        index = info.dataset_fingerprints.index(fp) if fp in info.dataset_fingerprints else len(info.tasks) - 1
+        runs = store.run_prefix(fp)
+        verdict = info.tags.get(TAG_PROMOTION)
+        uri = info.datasets[index] if index < len(info.datasets) else None
         return store.advance(
             record,
             Stage.DUPLICATE,
-            note,
+            "re-dropped: the same content this name learned before; nothing new",
             version=existing,
-            duplicate_of=twin.name if twin else None,
-            location="",
+            duplicate_of=record.name,
+            location=dst if moved else "",
+            dataset_uri=uri or (storage.dataset_uri(dst) if moved else None),
+            task_index=index,
+            task_datasets=info.datasets or None,
+            base_version=info.base_version,
+            run_id=info.run_id,
+            bundle=f"{runs}/bundle" if storage.is_file(f"{runs}/bundle/{marker}") else None,
+            matrix=f"{runs}/accuracy_matrix.json" if storage.is_file(f"{runs}/accuracy_matrix.json") else None,
+            decision={"ok": verdict == "passed", "reasons": json.loads(info.tags.get(TAG_PROMOTION_REASONS) or "[]")}
+            if verdict
+            else None,
+            promoted=verdict == "passed" if verdict else None,
         )
     if moved:  # moved before a crash: only the leftovers of the source remain
         if storage.exists(record.location):
@@ -281,6 +313,16 @@ def _publish_artifacts(ctx: LearningContext, record: DatasetRecord) -> None:
             text = ctx.storage.read_bytes(record.report).decode() if record.report else str(record.error)
             create_markdown_artifact(text, key=_artifact_key("quarantine", record.name), description=record.error)
             return
+        if record.stage == Stage.NOT_LEARNED:
+            reasons = (record.learned or {}).get("reasons", [])
+            create_markdown_artifact(
+                "\n".join([f"# `{record.name}`: not learned", "", "Nothing was registered.", ""])
+                + "\n".join(f"- {r}" for r in reasons)
+                + "\n",
+                key=_artifact_key("learn", record.name),
+                description=record.error,
+            )
+            return
         if record.stage == Stage.DUPLICATE:
             twin = f" as {record.duplicate_of!r}" if record.duplicate_of else ""
             create_markdown_artifact(
@@ -325,6 +367,7 @@ def _result(record: DatasetRecord | None, name: str, status: str | None = None, 
             Stage.DONE: "served" if record.promoted else "candidate",
             Stage.DUPLICATE: "duplicate",
             Stage.QUARANTINED: "quarantined",
+            Stage.NOT_LEARNED: "not_learned",
             Stage.FAILED: "failed",
         }.get(record.stage, "interrupted")
     return {

@@ -8,11 +8,15 @@ and extended by one learner at a time and two runs never register siblings of on
 The stages, each a function ``(ctx, record) -> record`` that writes the dataset's record when it is
 complete (so a run that dies anywhere is finished by the next one from the last stage written)::
 
-    accepted --train--> trained --evaluate--> evaluated --register--> registered
+    accepted --train--> trained --check-learned--> learned --evaluate--> evaluated --register--> registered
       --decide-promotion--> decided --apply-promotion--> applied --reload-serving--> done
+                                 \--> not_learned (nothing registered)
 
 - train: the base bundle (production, else the latest version) is fetched and the Ray Train job
   learns the dataset as its next task; the trained bundle is kept in storage.
+- check-learned: a task must earn its place: on its validation split its branch must beat zero-shot
+  (and chance) by a margin a chance-level task cannot pass (:func:`services.promotion.decide_learned`);
+  otherwise the dataset ends ``not_learned`` with the figures, a linear probe's among them.
 - evaluate: the accuracy matrix (every task's test set and the held-out sets), kept in storage.
 - register: one MLflow run and one registry version per dataset fingerprint (a restart finds them).
 - decide-promotion: :func:`services.promotion.decide_promotion` against production; recorded first,
@@ -38,7 +42,7 @@ from pipelines.state import DatasetRecord, Stage, StateStore
 from services.accuracy import AccuracyMatrix
 from services.evaluation import build_accuracy_matrix, discover_heldout
 from services.lock import LearningLock, LockHolder
-from services.promotion import PromotionDecision, decide_promotion
+from services.promotion import PromotionDecision, decide_learned, decide_promotion
 from services.registry import TAG_BASE, Registry, code_version
 from services.settings import Settings
 from services.storage import Storage, dataset_location, normalise_dataset_uri, open_storage
@@ -58,6 +62,7 @@ __all__ = [
     "LearnOptions",
     "LearnOutcome",
     "LearningBusyError",
+    "TaskNotLearnedError",
     "LearningContext",
     "LearningSlot",
     "learn_dataset",
@@ -70,6 +75,14 @@ log = logging.getLogger(__name__)
 
 CURRENT: Final = "current"  # base version: the production version, else the latest one
 _STORE_RETRIES: Final = (2, 5, 15)  # seconds between attempts to keep the trained bundle in storage
+
+
+class TaskNotLearnedError(RuntimeError):
+    """The task trained but did not beat zero-shot on its validation split; nothing was registered."""
+
+    def __init__(self, name: str, reasons: list[str]) -> None:
+        self.reasons = reasons
+        super().__init__(f"task {name!r} was not learned, so nothing was registered:\n  " + "\n  ".join(reasons))
 
 
 class LearningBusyError(RuntimeError):
@@ -307,6 +320,18 @@ def train(ctx: LearningContext, record: DatasetRecord) -> DatasetRecord:
     )
 
 
+def check_learned(ctx: LearningContext, record: DatasetRecord) -> DatasetRecord:
+    """Refuse a task that did not learn: nothing of it joins a bundle (see ``decide_learned``)."""
+    verdict = decide_learned(job_result(record).learnability, ctx.settings.promotion)
+    learned = {"ok": verdict.ok, "reasons": verdict.reasons, "checks": verdict.checks}
+    log.info("task %r %s: %s", record.task_name, "learned" if verdict.ok else "not learned", "; ".join(verdict.reasons))
+    if verdict.ok:
+        return ctx.store.advance(record, Stage.LEARNED, learned=learned)
+    return ctx.store.advance(
+        record, Stage.NOT_LEARNED, "not learned", learned=learned, error="; ".join(verdict.reasons[1:])
+    )
+
+
 def evaluate(ctx: LearningContext, record: DatasetRecord) -> DatasetRecord:
     """The accuracy matrix: every task's test set and the held-out sets, after each learning step."""
     assert record.dataset_uri is not None and record.fingerprint is not None
@@ -419,7 +444,7 @@ def reload(ctx: LearningContext, record: DatasetRecord) -> DatasetRecord:
     if not record.promoted:
         return store.advance(record, Stage.DONE, reload={"status": "skipped", "detail": "not promoted"})
     url = serve_url(settings)
-    key = settings.serve.api_key.get_secret_value() if settings.serve.api_key else None
+    key = ServingClient.keys_for(settings)
     with ServingClient(url, key, timeout_s=5.0, retry_for_s=0.0) as probe:
         reachable = probe.healthy()
     if not reachable:
@@ -444,7 +469,8 @@ StageFn = Callable[[LearningContext, DatasetRecord], DatasetRecord]
 # Which stage function moves a record on from each stage, and its Prefect task name.
 STAGES: Final[dict[Stage, tuple[str, StageFn]]] = {
     Stage.ACCEPTED: ("train", train),
-    Stage.TRAINED: ("evaluate", evaluate),
+    Stage.TRAINED: ("check-learned", check_learned),
+    Stage.LEARNED: ("evaluate", evaluate),
     Stage.EVALUATED: ("register", register),
     Stage.TRACKING: ("register", register),
     Stage.REGISTERED: ("decide-promotion", decide),
@@ -556,6 +582,8 @@ def learn_dataset(
             if current is not None and current.run_id and current.version is None:
                 ctx.registry.end_run(current.run_id, ok=False)
             raise
+    if final.stage == Stage.NOT_LEARNED:
+        raise TaskNotLearnedError(name, (final.learned or {}).get("reasons", []))
     assert final.version is not None and final.decision is not None
     matrix = record_matrix(storage, final)
     return LearnOutcome(

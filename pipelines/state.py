@@ -60,6 +60,7 @@ class Stage(StrEnum):
     VALIDATED = "validated"  # valid, fingerprinted; about to move out of incoming/
     ACCEPTED = "accepted"  # moved to artifacts/datasets/; training next
     TRAINED = "trained"  # the Ray Train job finished; the bundle is in storage
+    LEARNED = "learned"  # the task beat zero-shot on its validation split: it may join a bundle
     EVALUATED = "evaluated"  # the accuracy matrix is in storage
     TRACKING = "tracking"  # an MLflow run exists (run_id) for the registration
     REGISTERED = "registered"  # a registry version holds the dataset's task
@@ -69,10 +70,11 @@ class Stage(StrEnum):
     QUARANTINING = "quarantining"  # failed; being moved to quarantine/<name>/ with its report
     DUPLICATE = "duplicate"  # the same content was learned before: nothing new was made
     QUARANTINED = "quarantined"  # moved to quarantine/<name>/ with _ERROR.md; nothing registered
+    NOT_LEARNED = "not_learned"  # trained, but it did not beat zero-shot on validation; nothing registered
     FAILED = "failed"  # a step after registration kept failing; the version exists, see `error`
 
 
-TERMINAL_STAGES: Final = frozenset({Stage.DONE, Stage.DUPLICATE, Stage.QUARANTINED, Stage.FAILED})
+TERMINAL_STAGES: Final = frozenset({Stage.DONE, Stage.DUPLICATE, Stage.QUARANTINED, Stage.FAILED, Stage.NOT_LEARNED})
 ACTIVE_STAGES: Final = tuple(s for s in Stage if s not in TERMINAL_STAGES)
 # Stage names written by earlier releases, read as today's.
 _RENAMED_STAGES: Final = {"gating": Stage.DECIDED, "gated": Stage.APPLIED}
@@ -131,6 +133,7 @@ class DatasetRecord:
     version: int | None = None  # registry version holding this dataset's task
     task_index: int | None = None
     decision: dict[str, Any] | None = None  # {"ok": bool, "reasons": [...]}
+    learned: dict[str, Any] | None = None  # the learning check: {"ok": bool, "reasons": [...], "checks": {...}}
     promoted: bool | None = None
     reload: dict[str, Any] | None = None  # what the Serve deployment answered
     flow_run_id: str | None = None
@@ -305,7 +308,7 @@ class DatasetStatus:
 
     name: str
     state: str  # waiting, incomplete, learning, interrupted, served, registered, candidate, duplicate,
-    #             quarantined, failed, ignored
+    #             quarantined, not_learned, failed, ignored
     detail: str
     fingerprint: str | None = None
     version: int | None = None
@@ -402,6 +405,15 @@ def overview(settings: Settings, storage: Storage | None = None) -> list[Dataset
             first = (record.error or "").strip().splitlines()
             report = storage.uri(record.report) if record.report else storage.uri(record.location)
             detail = f"{first[0] if first else 'see the report'} (report: {report})"
+        elif record.stage == Stage.NOT_LEARNED:
+            state = "not_learned"
+            reasons = (record.learned or {}).get("reasons") or [record.error or "it did not beat zero-shot"]
+            detail = "not learned, nothing registered: " + "; ".join(reasons)
+        elif record.stage == Stage.DUPLICATE and record.duplicate_of == record.name and version is not None:
+            # Dropped again under the name that learned it: the served row stays the served row.
+            assert registry is not None
+            state, detail = registry.describe(fp, version, record.decision)
+            detail += "; dropped again with the same content: nothing new"
         elif record.stage == Stage.DUPLICATE:
             state = "duplicate"
             twin = f"same content as {record.duplicate_of!r}" if record.duplicate_of else "same content learned before"

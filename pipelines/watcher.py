@@ -119,10 +119,12 @@ def describe_result(result: dict[str, Any]) -> str:
     if status == "served":
         return f"{name}: learned as task {result.get('task_index')}, version {version} is now production"
     if status == "candidate":
-        return f"{name}: learned as version {version}, a candidate only (the promotion gate refused it)"
+        return f"{name}: learned as version {version}, a candidate only (its promotion was refused)"
     if status == "duplicate":
         twin = f" as {result['duplicate_of']!r}" if result.get("duplicate_of") else ""
         return f"{name}: duplicate, the same content was learned before{twin} (version {version}); nothing new"
+    if status == "not_learned":
+        return f"{name}: not learned, nothing registered: {result.get('error') or ''}".rstrip()
     if status in ("quarantined", "failed"):
         return f"{name}: {status}: {(result.get('error') or '').splitlines()[0] if result.get('error') else ''}"
     return f"{name}: {status} {result.get('detail') or result.get('error') or ''}".rstrip()
@@ -156,7 +158,7 @@ def run_watcher(
             outcome = watch_incoming(config=config)
             for result in outcome["results"]:
                 echo(describe_result(result))
-                problems += result["status"] in ("error", "failed", "quarantined")
+                problems += result["status"] in ("error", "failed", "quarantined", "not_learned")
         elif once:
             echo(f"nothing to learn in {settings.storage.incoming_prefix}/")
         if once or stop.wait(poll):

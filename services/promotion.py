@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from diki_model import Learnability, learned_verdict
 from services.accuracy import AccuracyMatrix
 from services.settings import PromotionSettings
 
-__all__ = ["PromotionDecision", "decide_promotion"]
+__all__ = ["PromotionDecision", "decide_learned", "decide_promotion"]
 
 
 @dataclass
@@ -37,6 +38,8 @@ def decide_promotion(
     - Forward: on the held-out datasets the candidate must keep at least
       ``promotion.min_zero_shot_retention`` of the frozen backbone's zero-shot accuracy (mean over
       held-out datasets). Without held-out datasets this is not checked, and the reasons say so.
+    - Its own: with ``promotion.require_new_task_gain`` the task the candidate added must beat
+      zero-shot on its own test split (the last row against the zero-shot row, its column).
     """
     new = new_matrix if isinstance(new_matrix, AccuracyMatrix) else AccuracyMatrix.from_dict(new_matrix)
     prev = prev_matrix if isinstance(prev_matrix, AccuracyMatrix | None) else AccuracyMatrix.from_dict(prev_matrix)
@@ -70,6 +73,19 @@ def decide_promotion(
     if reference and not any(r.startswith("task ") for r in reasons):
         worst = max(drops.values()) if drops else 0.0
         reasons.append(f"earlier tasks kept: largest drop {worst:.1f} points vs {against} (<= {allowed:.1f} allowed)")
+    new_gain = None
+    task_cols = new.task_columns()
+    if len(new.rows) >= 2 and len(task_cols) >= len(new.rows) - 1:
+        j = task_cols[len(new.rows) - 2]
+        name, zero_shot, now = new.columns[j].name, new.acc[0][j], last[j]
+        new_gain = now - zero_shot
+        if promotion.require_new_task_gain and new_gain <= 1e-9:
+            failed = True
+            reasons.append(
+                f"new task {name!r}: test accuracy {now:.1f}% does not beat its zero-shot accuracy {zero_shot:.1f}%"
+            )
+        else:
+            reasons.append(f"new task {name!r}: test accuracy {zero_shot:.1f}% zero-shot -> {now:.1f}%")
     retention = new.zero_shot_retention()
     if retention is None:
         reasons.append("zero-shot retention not checked: no held-out dataset was evaluated")
@@ -82,5 +98,31 @@ def decide_promotion(
         reasons.append(
             f"zero-shot retention on held-out data {retention:.3f} >= {promotion.min_zero_shot_retention:.3f}"
         )
-    checks = {"task_drops": drops, "max_task_drop_points": allowed, "zero_shot_retention": retention}
+    checks = {
+        "task_drops": drops,
+        "max_task_drop_points": allowed,
+        "zero_shot_retention": retention,
+        "new_task_gain_points": new_gain,
+    }
     return PromotionDecision(ok=not failed, reasons=reasons, checks=checks)
+
+
+def decide_learned(
+    learnability: Learnability | dict[str, Any] | None, promotion: PromotionSettings
+) -> PromotionDecision:
+    """Did the task learn enough to join a bundle? (``diki_model.learned_verdict`` with the settings' thresholds.)
+
+    Without a measurement (no validation split) the task is let through, and the reasons say so.
+    """
+    if not promotion.require_learned:
+        return PromotionDecision(True, ["learning check off (promotion.require_learned: false)"])
+    if learnability is None:
+        return PromotionDecision(True, ["learning not checked: the job measured no validation split"])
+    m = learnability if isinstance(learnability, Learnability) else Learnability.from_dict(learnability)
+    verdict = learned_verdict(
+        m,
+        min_gain=promotion.min_learned_gain,
+        z_gain=promotion.learned_z_gain,
+        z_chance=promotion.learned_z_chance,
+    )
+    return PromotionDecision(verdict.ok, verdict.reasons, {**verdict.checks, **m.to_dict()})

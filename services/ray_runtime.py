@@ -7,11 +7,18 @@ Ray client). It is idempotent: a process that is already connected keeps its con
 
 Ray 2.60 turns token authentication and usage reporting on by default; both are switched off here
 (``RAY_AUTH_MODE=disabled``, ``RAY_USAGE_STATS_ENABLED=0``) unless the environment already says
-otherwise, before Ray is imported.
+otherwise, before Ray is imported (the local stack sets ``RAY_AUTH_MODE=token`` for its clients when
+``stack.ray_token_auth`` is on).
+
+Every worker process of the job runs :func:`quiet_worker_logs` first (Ray's
+``worker_process_setup_hook``): it silences warnings that read like faults during a normal run, such
+as Ray Train's ``PlacementGroupCleaner`` reporting once a second that the State API is unavailable
+(it always is without a dashboard, as in the embedded mode).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -19,7 +26,14 @@ from typing import Any
 
 from services.settings import Settings
 
-__all__ = ["RayConnection", "configure_ray_environment", "ensure_ray", "shutdown_ray"]
+__all__ = [
+    "QUIET_WORKER_LOGGERS",
+    "RayConnection",
+    "configure_ray_environment",
+    "ensure_ray",
+    "quiet_worker_logs",
+    "shutdown_ray",
+]
 
 RAY_ENV_DEFAULTS: dict[str, str] = {
     "RAY_AUTH_MODE": "disabled",
@@ -28,7 +42,22 @@ RAY_ENV_DEFAULTS: dict[str, str] = {
     "RAY_TRAIN_V2_ENABLED": "1",
 }
 
+# Loggers of Ray's own libraries that warn about normal conditions, and the level they are set to in
+# the job's worker processes. Ray Train's PlacementGroupCleaner (a detached actor that removes a run's
+# placement group if the Train controller dies) polls the State API every second and warns each time
+# the API does not answer: always without a dashboard, often on a busy machine.
+QUIET_WORKER_LOGGERS: dict[str, int] = {
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+}
+SETUP_HOOK = "services.ray_runtime.quiet_worker_logs"
+
 _lock = threading.Lock()
+
+
+def quiet_worker_logs() -> None:
+    """Ray's ``worker_process_setup_hook`` for this project's jobs: set :data:`QUIET_WORKER_LOGGERS`."""
+    for name, level in QUIET_WORKER_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
 
 
 @dataclass(frozen=True)
@@ -71,6 +100,9 @@ def ensure_ray(settings: Settings, **init_kwargs: Any) -> RayConnection:
             "logging_level": "WARNING",
         }
         kwargs.update(init_kwargs)
+        runtime_env = dict(kwargs.get("runtime_env") or {})
+        runtime_env.setdefault("worker_process_setup_hook", SETUP_HOOK)
+        kwargs["runtime_env"] = runtime_env
         if address is None or address == "local":
             kwargs.setdefault("num_cpus", settings.ray.num_cpus)
             kwargs.setdefault("include_dashboard", False)

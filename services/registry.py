@@ -109,6 +109,23 @@ def code_version() -> str:
         return __version__
 
 
+def lineage_description(tasks: list[str], base_version: int | None) -> str:
+    """One line on what a version is: the task it adds and the version it extends."""
+    new = tasks[-1] if tasks else "?"
+    if base_version is None:
+        return f"Task '{new}' on the bare backbone (1 task)."
+    return f"Adds task '{new}' to version {base_version} ({len(tasks)} tasks: {' > '.join(tasks)})."
+
+
+def promotion_summary(decision: PromotionDecision) -> str:
+    """One line on the promotion decision: the verdict and the figures that decided it."""
+    if decision.ok:
+        figures = "; ".join(decision.reasons[:3])
+        return f"Promotion passed, now production: {figures}."
+    failed = [r for r in decision.reasons if " > " in r or " < " in r or "does not beat" in r or "missing" in r]
+    return f"Promotion refused, candidate only: {'; '.join(failed or decision.reasons[:1])}."
+
+
 def _loads_list(value: str | None) -> list[Any]:
     if not value:
         return []
@@ -360,7 +377,9 @@ class Registry:
         if datasets is not None:
             system[TAG_DATASETS] = json.dumps([str(d) for d in datasets])
         try:
-            mv = self.client.create_model_version(self.model_name, source, run_id=run_id, tags=system)
+            mv = self.client.create_model_version(
+                self.model_name, source, run_id=run_id, tags=system, description=lineage_description(names, parent)
+            )
         except Exception as exc:
             if own_run:
                 self.end_run(run_id, ok=False)
@@ -514,8 +533,18 @@ class Registry:
         return previous
 
     def apply_promotion(self, version: int, decision: PromotionDecision) -> bool:
-        """Record the promotion decision on ``version``, make it ``candidate``, and ``production`` if it passed."""
+        """Record the promotion decision on ``version``, make it ``candidate``, and ``production`` if it passed.
+
+        The version's description, what a person reads first in the MLflow UI, says what it adds and
+        what was decided; the tags keep the same for machines.
+        """
         verdict = "passed" if decision.ok else "refused"
+        info = self.get_version(version)
+        self.client.update_model_version(
+            self.model_name,
+            str(version),
+            description=f"{lineage_description(info.tasks, info.base_version)} {promotion_summary(decision)}",
+        )
         self.client.set_model_version_tag(self.model_name, str(version), TAG_PROMOTION, verdict)
         self.client.set_model_version_tag(
             self.model_name, str(version), TAG_PROMOTION_REASONS, json.dumps(decision.reasons)[:5000]

@@ -304,11 +304,27 @@ class ServeSettings(_Section):
     max_labels: int = Field(default=512, ge=1)
     # How often replicas look for a newly promoted model version.
     poll_interval_s: float = Field(default=10.0, gt=0)
+    # The admin routes (POST /v1/admin/reload) never open by default: they need this key (header
+    # X-Admin-Key). None: the key kept in `admin_key_file`, which `diki serve` (and so the local
+    # stack) generates on first start with owner-only permissions.
+    admin_key: SecretStr | None = None
+    # None: <home>/serve/admin.key.
+    admin_key_file: Path | None = None
+    # Development only: admin routes answer without a key.
+    admin_open: bool = False
+    # The most bytes a request body may hold, whatever the images and batch limits would allow;
+    # checked from Content-Length and while reading, before the body is held whole.
+    max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
 
     @field_validator("host")
     @classmethod
     def _host(cls, value: str) -> str:
         return _check_name(value, "serve.host", re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:-]{0,252}$"))
+
+    @field_validator("admin_key_file")
+    @classmethod
+    def _admin_key_file(cls, value: Path | None) -> Path | None:
+        return _absolute(value) if value is not None else None
 
 
 class PipelineSettings(_Section):
@@ -332,12 +348,21 @@ class PipelineSettings(_Section):
 
 
 class PromotionSettings(_Section):
-    """The gate a new model version passes before it replaces the served one."""
+    """What a new task must show before it joins a bundle, and a new version before it replaces the served one."""
 
     # Largest accuracy drop (absolute, 0-1) allowed on any earlier task.
     max_task_drop: float = Field(default=0.02, ge=0, le=1)
     # Smallest share of the backbone's zero-shot accuracy that must be kept (0-1).
     min_zero_shot_retention: float = Field(default=0.95, ge=0, le=1)
+    # A task must earn its place: on its validation split, its branch must beat zero-shot by at least
+    # this much (absolute, 0-1) and by `learned_z_gain` standard errors of the difference, and chance by
+    # `learned_z_chance` binomial standard errors (see diki_model.probe). False turns the check off.
+    require_learned: bool = True
+    min_learned_gain: float = Field(default=0.02, ge=0, le=1)
+    learned_z_gain: float = Field(default=2.0, ge=0, le=10)
+    learned_z_chance: float = Field(default=3.0, ge=0, le=10)
+    # The new version's new task must beat zero-shot on its own test split to become production.
+    require_new_task_gain: bool = True
 
 
 class StackPorts(_Section):
@@ -393,6 +418,13 @@ class StackSettings(_Section):
     ports: StackPorts = Field(default_factory=StackPorts)
     start_timeout_s: float = Field(default=120.0, gt=0)
     stop_timeout_s: float = Field(default=45.0, gt=0)
+    # Each service's log (logs/<name>.log) is rotated when it reaches log_max_bytes; log_backups
+    # older files are kept (<name>.log.1 is the newest of them).
+    log_max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096)
+    log_backups: int = Field(default=3, ge=0, le=100)
+    # Ray's token authentication on the stack's Ray head (Ray >= 2.52): jobs, Ray Client and the
+    # dashboard API then need the token kept in <stack home>/ray-auth-token. Off by default.
+    ray_token_auth: bool = False
 
     @field_validator("bucket")
     @classmethod

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from diki_model import DikiConfig, Route, create_diki_model, inject_residual_kv, load_backbone
-from diki_model.adapters import ResidualKVAttention
+from diki_model.adapters import ResidualKVAttention, RoutingState
 
 CONFIGS = ["diki-test-tiny", "diki-test-tiny-b"]
 
@@ -155,3 +155,218 @@ def test_prefix_branch_is_one_softmax_and_interferes_even_at_zero_values():
         assert (model.encode_text(tokens) - ref.encode_text(tokens)).abs().max() > 1e-4
     with pytest.raises(ValueError, match="unknown branch mode"):
         ResidualKVAttention(nn.MultiheadAttention(8, 2, batch_first=True), "vision", 4, None, mode="nope")
+
+
+# --- the branch against a direct implementation of its formula -----------------------------------
+
+
+def reference_attention(mha, x, keys, values, task, gate, mask, mode):
+    """O = softmax(Q K^T / sqrt(d_h) + M) V + w softmax(Q K_r^T / sqrt(d_h)) V_r (residual), or one softmax
+    over [K; K_r] (prefix), then out_proj; written out with plain matmuls, per sample. x: (B, N, D)."""
+    bsz, n, dim = x.shape
+    h = mha.num_heads
+    dh = dim // h
+    tasks = task.tolist() if isinstance(task, torch.Tensor) else [task] * bsz
+    gates = gate.tolist() if isinstance(gate, torch.Tensor) else [gate] * bsz
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape).masked_fill(mask, float("-inf"))  # True = not allowed
+    outs = []
+    for b in range(bsz):
+        q, k, v = (x[b] @ mha.in_proj_weight.T + mha.in_proj_bias).chunk(3, dim=-1)
+        heads = []
+        for i in range(h):
+            s = slice(i * dh, (i + 1) * dh)
+            kr, vr = keys[tasks[b]][:, s], values[tasks[b]][:, s]
+            logits = q[:, s] @ k[:, s].T / dh**0.5 + (0 if mask is None else mask)
+            prompt_logits = q[:, s] @ kr.T / dh**0.5
+            if mode == "residual":
+                out = logits.softmax(-1) @ v[:, s] + gates[b] * (prompt_logits.softmax(-1) @ vr)
+            else:
+                out = torch.cat([logits, prompt_logits], dim=-1).softmax(-1) @ torch.cat([v[:, s], vr])
+            heads.append(out)
+        outs.append(torch.cat(heads, dim=-1) @ mha.out_proj.weight.T + mha.out_proj.bias)
+    return torch.stack(outs)
+
+
+def branch_layer(mode: str, batch_first: bool = True, tasks: int = 3, length: int = 4):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+    with torch.no_grad():  # non-zero biases, so that dropping one shows
+        mha.in_proj_bias.normal_()
+        mha.out_proj.bias.normal_()
+    state = RoutingState()
+    layer = ResidualKVAttention(mha, "text", length, state, mode)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(tasks):
+        layer.add_task(g)
+    with torch.no_grad():
+        for v in layer.values:
+            v.copy_(torch.randn(v.shape, generator=g))
+    return mha, state, layer
+
+
+def causal(n: int, kind: str):
+    if kind == "bool":
+        return torch.ones(n, n, dtype=torch.bool).triu(1)  # True above the diagonal: masked
+    return torch.full((n, n), float("-inf")).triu(1)
+
+
+@pytest.mark.parametrize("mode", ["residual", "prefix"])
+@pytest.mark.parametrize("mask_kind", [None, "float", "bool"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_branch_matches_its_formula(mode, mask_kind, batch_first):
+    mha, state, layer = branch_layer(mode, batch_first)
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(3))
+    mask = None if mask_kind is None else causal(5, mask_kind)
+    keys, values = list(layer.keys), list(layer.values)
+    for task, gate in ((1, 1.0), (2, 0.3), (torch.tensor([2, 0, 2]), torch.tensor([0.5, 1.0, 0.0]))):
+        state.routes["text"] = Route(task=task, gate=gate)
+        inp = x if batch_first else x.transpose(0, 1)
+        with torch.no_grad():
+            got, weights = layer(inp, inp, inp, need_weights=False, attn_mask=mask)
+        got = got if batch_first else got.transpose(0, 1)
+        gate_used = gate if mode == "residual" else 1.0
+        want = reference_attention(mha, x, keys, values, task, gate_used, mask, mode)
+        assert weights is None
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_branch_falls_back_to_the_frozen_attention():
+    mha, state, layer = branch_layer("residual")
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        frozen, _ = mha(x, x, x, need_weights=False)
+        # No route: the base layer, bit for bit.
+        assert torch.equal(layer(x, x, x, need_weights=False)[0], frozen)
+        state.routes["text"] = Route(task=1, gate=1.0)
+        assert not torch.allclose(layer(x, x, x, need_weights=False)[0], frozen, atol=1e-3)
+        # Attention weights or a padding mask asked for: the base layer answers, with its weights.
+        out, weights = layer(x, x, x, need_weights=True)
+        want_out, want_weights = mha(x, x, x, need_weights=True)
+        assert torch.equal(out, want_out) and torch.equal(weights, want_weights)
+        pad = torch.tensor([[False] * 4 + [True], [False] * 5])
+        want = mha(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+        assert torch.equal(layer(x, x, x, key_padding_mask=pad)[0], want)
+        # Another tower's route does not switch this layer on.
+        state.routes["text"], state.routes["vision"] = None, Route(task=1, gate=1.0)
+        assert torch.equal(layer(x, x, x, need_weights=False)[0], frozen)
+    empty = ResidualKVAttention(nn.MultiheadAttention(16, 4, batch_first=True), "text", 4, RoutingState())
+    empty._state.routes["text"] = Route(task=0, gate=1.0)
+    with torch.no_grad():
+        assert torch.equal(empty(x, x, x)[0], empty.base_layer(x, x, x, need_weights=False)[0])  # no task: frozen
+
+
+def test_route_indices_are_checked_and_grouped_once():
+    _, state, layer = branch_layer("residual", tasks=2)
+    x = torch.randn(3, 5, 16)
+    for task, message in ((torch.tensor([0, 1]), "route has 2 task indices for a batch of 3"),):
+        state.routes["text"] = Route(task=task)
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            layer(x, x, x)
+    for task in (2, -1, torch.tensor([0, 2, 1])):
+        state.routes["text"] = Route(task=task)
+        with pytest.raises(IndexError, match=r"task index (2|-1) out of range: this layer holds 2 tasks"):
+            layer(x, x, x)
+    route = Route(task=torch.tensor([1, 0, 1, 1]))
+    tasks, inverse = route.groups()
+    assert tasks == [0, 1] and inverse.tolist() == [1, 0, 1, 1]
+    assert route.groups() is route.groups()  # computed once per route
+
+
+def test_new_tasks_start_frozen_with_zero_values_and_uniform_keys():
+    _, _, layer = branch_layer("residual", tasks=0, length=6)
+    g = torch.Generator().manual_seed(7)
+    layer.add_task(g)
+    key, value = layer.keys[0], layer.values[0]
+    want = torch.empty(6, 16).uniform_(-1.0, 1.0, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(key, want) and key.dtype == torch.float32
+    assert torch.equal(value, torch.zeros(6, 16)) and not key.requires_grad and not value.requires_grad
+    assert layer.num_tasks == 1 and (layer.embed_dim, layer.num_heads, layer.head_dim) == (16, 4, 4)
+
+
+def test_layer_selection_and_injection_errors():
+    from diki_model.adapters import resolve_layers
+
+    assert resolve_layers(None, 12, 8, "vision") == tuple(range(8))
+    assert resolve_layers(None, 3, 8, "vision") == (0, 1, 2)
+    assert resolve_layers((2, 0, 2), 3, 8, "text") == (0, 2)
+    with pytest.raises(ValueError, match=r"^text tower has 3 layers; cannot inject into layers \[-1, 3\]$"):
+        resolve_layers((3, 1, -1), 3, 8, "text")
+    model = load_backbone("diki-test-tiny", seed=0).model
+    for p in model.parameters():
+        p.requires_grad_(True)
+    state, injected = inject_residual_kv(model, 4, vision_layers=(1,), default_layer_count=2)
+    assert sorted(injected) == ["text", "vision"]
+    assert sorted(injected["vision"]) == [1] and sorted(injected["text"]) == [0, 1]
+    assert all(not p.requires_grad for p in model.parameters()), "the whole backbone is frozen"
+    for tower, layers in injected.items():
+        for i, layer in layers.items():
+            blocks = model.visual.transformer.resblocks if tower == "vision" else model.transformer.resblocks
+            assert blocks[i].attn is layer and layer.tower == tower and layer.prompt_length == 4
+            assert layer._state is state
+    assert state.routes == {"vision": None, "text": None}
+    model = load_backbone("diki-test-tiny", seed=0).model
+    model.visual.transformer.resblocks[0].attn = nn.Identity()
+    with pytest.raises(
+        TypeError, match="^vision block 0 has an unsupported attention \\(Identity\\); expected open_clip's"
+    ):
+        inject_residual_kv(model, 4)
+    model = load_backbone("diki-test-tiny", seed=0).model
+    model.visual = None
+    with pytest.raises(
+        TypeError, match=r"^unsupported image tower \(missing\): expected open_clip's VisionTransformer$"
+    ):
+        inject_residual_kv(model, 4)
+    with pytest.raises(TypeError, match=r"^expected nn.MultiheadAttention, got Linear$"):
+        ResidualKVAttention(nn.Linear(4, 4), "vision", 4, RoutingState())
+
+
+def test_frozen_path_passes_the_mask_and_a_scalar_task_tensor_routes_the_batch():
+    mha, state, layer = branch_layer("residual")
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        for mask in (causal(5, "float"), causal(5, "bool")):
+            want = mha(x, x, x, need_weights=False, attn_mask=mask)[0]
+            assert torch.equal(layer(x, x, x, need_weights=False, attn_mask=mask)[0], want)
+        state.routes["text"] = Route(task=torch.tensor(2), gate=0.5)  # a 0-d tensor: one task for all
+        got = layer(x, x, x)[0]
+    want = reference_attention(mha, x, list(layer.keys), list(layer.values), 2, 0.5, None, "residual")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _, one_state, one = branch_layer("residual", tasks=1)
+    one_state.routes["text"] = Route(task=torch.tensor([0, 0, 0]), gate=torch.tensor([1.0, 0.5, 0.0]))
+    with torch.no_grad():
+        assert one(x, x, x)[0].shape == (3, 5, 16)
+
+
+def test_unsupported_towers_are_named_in_the_error():
+    cases = []
+    model = load_backbone("diki-test-tiny", seed=0).model
+    model.visual = nn.Identity()
+    cases.append((model, "unsupported image tower (Identity): expected open_clip's VisionTransformer"))
+    model = load_backbone("diki-test-tiny", seed=0).model
+    del model.visual
+    cases.append((model, "unsupported image tower (missing): expected open_clip's VisionTransformer"))
+    model = load_backbone("diki-test-tiny", seed=0).model
+    model.transformer = nn.Identity()
+    model.text = nn.Linear(2, 2)  # what a Hugging Face text tower looks like from here
+    cases.append((model, "unsupported text tower (Linear): expected open_clip's own text transformer "
+                         "(Hugging Face text towers are not supported)"))  # fmt: skip
+    model = load_backbone("diki-test-tiny", seed=0).model
+    del model.transformer
+    cases.append((model, "unsupported text tower (NoneType): expected open_clip's own text transformer "
+                         "(Hugging Face text towers are not supported)"))  # fmt: skip
+    for model, message in cases:
+        with pytest.raises(TypeError) as err:
+            inject_residual_kv(model, 4)
+        assert str(err.value) == message
+    model = load_backbone("diki-test-tiny", seed=0).model
+    model.transformer.resblocks[1].ln_1_kv = nn.LayerNorm(64)  # a cross-attention block
+    with pytest.raises(TypeError) as err:
+        inject_residual_kv(model, 4)
+    assert str(err.value) == (
+        "text block 1 has an unsupported attention (MultiheadAttention); "
+        "expected open_clip's ResidualAttentionBlock with nn.MultiheadAttention"
+    )
+    with pytest.raises(ValueError) as err:
+        inject_residual_kv(load_backbone("diki-test-tiny", seed=0).model, 4, vision_layers=(5,))
+    assert str(err.value) == "vision tower has 3 layers; cannot inject into layers [5]"

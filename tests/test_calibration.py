@@ -99,5 +99,7 @@ def test_make_gate_builds_each_calibration_with_its_parameters():
     assert isinstance(constant, ConstantGate) and constant(scores(5.0), task, stats).tolist() == [0.3]
     assert make_gate("standardized") == StandardizedGate() and make_gate("paper") == PaperGate()
     assert make_gate("constant") == ConstantGate()
-    with pytest.raises(ValueError, match=r"unknown gate calibration 'nope'; choose one of \('standardized', 'paper', 'constant'\)"):
+    with pytest.raises(
+        ValueError, match=r"unknown gate calibration 'nope'; choose one of \('standardized', 'paper', 'constant'\)"
+    ):
         make_gate("nope")

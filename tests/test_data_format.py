@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import re
 import shutil
+import struct
 import zlib
 from pathlib import Path
 
@@ -14,14 +17,19 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from diki_model.data import (
     DatasetError,
+    DatasetReport,
+    ImageDecodeError,
     Manifest,
     convert_image_folder,
     dataset_fingerprint,
     decode_image,
+    decode_rgb,
+    encode_png,
+    header_size,
     iter_records,
     list_shards,
     load_split_tensors,
@@ -369,5 +377,505 @@ def test_validator_checks_test_labels_against_the_number_of_classes(tmp_path):
                  pa.table({"image": pa.array([png(7), png(8), png(9)], pa.binary()),
                            "label": pa.array([2, 3, 0], pa.int64())}))  # fmt: skip
     report = validate_dataset(root)
-    assert [(e.file, e.row, e.reason) for e in report.errors] == [("test/part-00000.parquet", 1, "label 3 out of range [0, 3)")]
+    assert [(e.file, e.row, e.reason) for e in report.errors] == [
+        ("test/part-00000.parquet", 1, "label 3 out of range [0, 3)")
+    ]
     assert (report.num_train, report.num_test) == (3, 3)
+
+
+# --- exact errors, their locations, the report and the fingerprint --------------------------------
+
+
+def spec_fingerprint(manifest: Manifest, splits: dict[str, list[tuple[bytes, int]]]) -> str:
+    """The fingerprint as docs/datasets.md defines it, computed here from the records themselves."""
+    content = {"classes": manifest.classes, "template": manifest.template, "format_version": 1}
+    h = hashlib.sha256(b"diki-dataset-v1\0")
+    h.update(json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
+    for split in ("train", "test"):
+        records = splits.get(split, [])
+        h.update(b"\0split:" + split.encode() + b"\0")
+        for image, label in records:
+            h.update(struct.pack("<Q", len(image)) + image + struct.pack("<q", label))
+        h.update(struct.pack("<Q", len(records)))
+    return h.hexdigest()
+
+
+def test_fingerprint_follows_the_documented_definition(toy, tmp_path):
+    want = spec_fingerprint(MANIFEST, {"train": TRAIN, "test": TEST})
+    assert dataset_fingerprint(toy) == want
+    report = validate_dataset(toy)
+    assert report.ok and report.fingerprint == want
+    # No test split, and a manifest with nothing else: every split still counts (0 records).
+    write_dataset(tmp_path / "t", MANIFEST, TRAIN)
+    assert dataset_fingerprint(tmp_path / "t") == validate_dataset(tmp_path / "t").fingerprint
+    assert dataset_fingerprint(tmp_path / "t") == spec_fingerprint(MANIFEST, {"train": TRAIN})
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "manifest.json").write_text(MANIFEST.to_json())
+    assert dataset_fingerprint(tmp_path / "m") == spec_fingerprint(MANIFEST, {})
+    # An invalid dataset's report carries no fingerprint.
+    assert validate_dataset(tmp_path / "m").fingerprint is None
+
+
+def test_validate_counts_decoded_images_and_checks_the_test_split_too(tmp_path, toy):
+    assert validate_dataset(toy).images_decoded == 11
+    assert validate_dataset(toy, check_images=False).images_decoded == 0
+    # An image of exactly the byte limit is allowed (and decoded); one byte less is not.
+    size = len(TRAIN[0][0])
+    write_dataset(tmp_path / "one", MANIFEST, [TRAIN[0], (png(1), 1), (png(2), 2)])
+    sizes = [len(png(i)) for i in range(3)]
+    report = validate_dataset(tmp_path / "one", max_image_bytes=max(sizes))
+    assert report.ok and report.images_decoded == 3
+    report = validate_dataset(tmp_path / "one", max_image_bytes=size - 1)
+    big = [(e.file, e.row, e.reason) for e in report.errors]
+    assert ("train/part-00000.parquet", 0, f"image is {size} bytes, more than {size - 1}") in big
+    # A corrupt test image is found like a train one.
+    write_dataset(tmp_path / "bad", MANIFEST, TRAIN[:3], [(png(5), 0), (png(6, (64, 64))[:300], 1)])
+    report = validate_dataset(tmp_path / "bad")
+    [(file, row, reason)] = [(e.file, e.row, e.reason) for e in report.errors]
+    assert (file, row) == ("test/part-00000.parquet", 1)
+    assert reason.startswith("PNG image is truncated or corrupt (")
+
+
+def test_validate_keeps_checking_the_records_after_a_null_image(tmp_path):
+    root = tmp_path / "d"
+    write_dataset(root, MANIFEST, TRAIN[:3], shard_rows=10)
+    _write_table(root / "train/part-00001.parquet",
+                 pa.table({"image": pa.array([None, png(1), png(2)], pa.binary()), "label": pa.array([0, 7, 1], pa.int64())}))  # fmt: skip
+    report = validate_dataset(root)
+    assert [(e.file, e.row, e.reason) for e in report.errors] == [
+        ("train/part-00001.parquet", 0, "image is null"),
+        ("train/part-00001.parquet", 1, "label 7 out of range [0, 3)"),
+    ]
+    assert report.num_train == 6 and report.class_counts == {"cat": 2, "dog": 2, "bird": 1}
+
+
+def test_validate_limits_and_messages_exactly(tmp_path, toy):
+    report = validate_dataset(toy, max_images=11)
+    assert report.ok and report.path == str(toy)
+    report = validate_dataset(toy, max_images=10)
+    assert [(e.file, e.row, e.reason) for e in report.errors] == [(None, None, "11 images, more than the limit of 10")]
+    report = validate_dataset(toy, min_images_per_class=3)
+    assert [(e.file, e.reason) for e in report.errors] == [
+        ("train/", "class 1 ('dog') has 2 training images, fewer than 3"),
+        ("train/", "class 2 ('bird') has 2 training images, fewer than 3"),
+    ]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert [(e.file, e.row, e.reason) for e in validate_dataset(empty).errors] == [
+        ("manifest.json", None, "missing: every dataset needs a manifest.json"),
+        ("train/", None, "no Parquet shards (train/part-*.parquet)"),
+    ]
+    (empty / "manifest.json").write_text("{nope")
+    [err, _] = validate_dataset(empty).errors
+    assert err.file == "manifest.json" and err.row is None and err.reason.startswith("not valid JSON (Expecting")
+
+
+def corrupt_data_pages(path: Path) -> None:
+    """Overwrite the middle of a shard's first data page, keeping its footer (schema) readable."""
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"\xff" * 32
+    path.write_bytes(bytes(data))
+
+
+def test_unreadable_parquet_data_is_located_by_file(tmp_path):
+    root = tmp_path / "d"
+    write_dataset(root, MANIFEST, TRAIN, shard_rows=4)
+    corrupt_data_pages(root / "train/part-00001.parquet")
+    with pytest.raises(DatasetError) as err:
+        read_all(root, "train")
+    assert err.value.file == "train/part-00001.parquet" and err.value.row is None
+    assert err.value.reason.startswith("unreadable Parquet data near row 0 (")
+    [found] = validate_dataset(root).errors
+    assert found.file == "train/part-00001.parquet" and found.row is None
+    assert found.reason.startswith("unreadable Parquet data near row 0 (")
+
+
+def test_read_streams_in_batches_and_locates_errors_in_later_batches(tmp_path, toy):
+    batches = list(iter_records(toy, "train", batch_rows=1))
+    assert [len(images) for images, _ in batches] == [1] * 7
+    assert [len(images) for images, _ in iter_records(toy, "train", batch_rows=2)] == [2, 1, 2, 1, 1]
+    with pytest.raises(ValueError, match=r"^batch_rows must be >= 1, got 0$"):
+        list(iter_records(toy, "train", batch_rows=0))
+    root = _dataset_with_train_labels(tmp_path / "d", [0, 1, 2, 0, 9, 1])
+    with pytest.raises(DatasetError) as err:
+        read_all(root, "train", batch_rows=2)
+    assert (err.value.file, err.value.row, err.value.reason) == (
+        "train/part-00000.parquet",
+        4,
+        "label 9 out of range [0, 3)",
+    )
+
+
+def test_read_locates_null_records(tmp_path):
+    root = tmp_path / "d"
+    write_dataset(root, MANIFEST, TRAIN[:2], shard_rows=10)
+    cases = [
+        ([png(0), png(1), None, png(3)], [0, 1, 2, 0], 2, "image is null"),
+        ([png(0), png(1), png(2), png(3)], [0, 1, None, 0], 2, "label is null"),
+        ([png(0), png(1), None, png(3)], [0, 1, 2, None], 2, "image is null"),
+        ([png(0), png(1), png(2), None], [0, 1, None, 1], 2, "label is null"),
+        ([png(0), png(1), None, png(3)], [0, 1, None, 1], 2, "image is null"),
+    ]
+    for images, labels, row, reason in cases:
+        _write_table(root / "train/part-00000.parquet",
+                     pa.table({"image": pa.array(images, pa.binary()), "label": pa.array(labels, pa.int64())}))  # fmt: skip
+        for batch_rows in (512, 2):
+            with pytest.raises(DatasetError) as err:
+                read_all(root, "train", batch_rows=batch_rows)
+            assert (err.value.file, err.value.row, err.value.reason) == ("train/part-00000.parquet", row, reason)
+
+
+def test_shards_named_for_a_worker_must_be_parquet_files_of_the_split(toy):
+    assert read_all(toy, "test", shards=["test/part-00001.parquet"]) == TEST[3:]
+    for shard in ("test/part-00000.parquet", "part-00000.csv", "train/part-00000.csv", ".part-00000.parquet",
+                  "train/.part-00000.parquet", "x/train/part-00000.parquet"):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(f"shard {shard!r} is not a Parquet file of split 'train'")):
+            list(iter_records(toy, "train", shards=[shard]))
+
+
+def test_missing_manifest_and_missing_train_shards(tmp_path):
+    with pytest.raises(DatasetError) as err:
+        read_manifest(tmp_path)
+    assert (err.value.file, err.value.reason) == ("manifest.json", f"not found in {tmp_path}")
+    (tmp_path / "manifest.json").write_text(MANIFEST.to_json())
+    with pytest.raises(DatasetError) as err:
+        list(iter_records(tmp_path, "train"))
+    assert (err.value.file, err.value.row, err.value.reason) == ("train/", None, "no Parquet shards")
+    assert list(iter_records(tmp_path, "test")) == []  # the test split is optional
+    with pytest.raises(DatasetError) as err:
+        load_split_tensors(tmp_path, "test", lambda img: torch.zeros(1))
+    assert (err.value.file, err.value.reason) == ("test/", "split 'test' has no Parquet shards")
+    for text, reason in (
+        ("{", "not valid JSON ("),
+        (json.dumps({"name": "X", "classes": ["a"]}), "name 'X' must match"),
+    ):
+        (tmp_path / "manifest.json").write_text(text)
+        with pytest.raises(DatasetError) as err:
+            read_manifest(tmp_path)
+        assert err.value.file == "manifest.json" and err.value.reason.startswith(reason)
+    (tmp_path / "manifest.json").write_text(json.dumps({"name": "X", "classes": ["a"]}))
+    with pytest.raises(DatasetError) as err:
+        read_manifest(tmp_path)
+    assert err.value.reason == (
+        "name 'X' must match ^[a-z0-9][a-z0-9_.-]{0,63}$ (lowercase letters, digits, '_', '.', '-'); "
+        "at least 2 classes are needed, got 1"
+    )
+
+
+def test_load_split_tensors_on_another_filesystem_and_its_limits(tmp_path):
+    fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    write_dataset("d", MANIFEST, TRAIN, filesystem=fs, shard_rows=3)
+    images, labels = load_split_tensors("d", "train", lambda img: torch.zeros(1), filesystem=fs)
+    assert images.shape == (7, 1) and labels.tolist() == [label for _, label in TRAIN]
+    # A limit reached at a shard's end reads no further: a broken later shard is never opened.
+    (tmp_path / "d" / "train" / "part-00002.parquet").write_bytes(b"broken")
+    images, labels = load_split_tensors("d", "train", lambda img: torch.zeros(1), filesystem=fs, limit=6)
+    assert labels.tolist() == [label for _, label in TRAIN[:6]]
+
+
+def test_load_split_tensors_stops_at_the_limit_within_a_shard(tmp_path):
+    # 514 records in one shard, a bad label in the second batch of 512: a limit of 512 never reads it.
+    root = tmp_path / "d"
+    write_dataset(root, MANIFEST, [(TRAIN[0][0], i % 3) for i in range(514)])
+    _write_table(root / "train/part-00000.parquet",
+                 pa.table({"image": pa.array([TRAIN[0][0]] * 514, pa.binary()),
+                           "label": pa.array([0] * 513 + [5], pa.int64())}))  # fmt: skip
+    images, labels = load_split_tensors(root, "train", lambda img: torch.zeros(1), limit=512)
+    assert images.shape[0] == 512 and labels.tolist() == [0] * 512
+    with pytest.raises(DatasetError, match="row 513: label 5 out of range"):
+        load_split_tensors(root, "train", lambda img: torch.zeros(1))
+
+
+def test_load_split_tensors_locates_a_broken_image_in_a_later_batch(tmp_path):
+    broken = png(3, (64, 64))[:300]
+    records = [(TRAIN[0][0], 0)] * 1100
+    root = tmp_path / "d"
+    write_dataset(root, MANIFEST, records)
+    _write_table(root / "train/part-00000.parquet",
+                 pa.table({"image": pa.array([TRAIN[0][0]] * 1050 + [broken] + [TRAIN[0][0]] * 49, pa.binary()),
+                           "label": pa.array([0] * 1100, pa.int64())}))  # fmt: skip
+    with pytest.raises(DatasetError) as err:
+        load_split_tensors(root, "train", lambda img: torch.zeros(1))
+    assert (err.value.file, err.value.row) == ("train/part-00000.parquet", 1050)
+    with pytest.raises(DatasetError) as direct:
+        decode_image(broken)
+    assert err.value.reason == direct.value.reason and err.value.reason.startswith("PNG image is truncated or corrupt")
+
+
+def test_write_rejects_records_of_the_wrong_type_with_their_location(tmp_path):
+    cases = [
+        ([(png(0), 0), ("not bytes", 1)], 10, ("train/part-00000.parquet", 1, "image must be bytes, got str")),
+        ([(png(0), 0), (png(1), True)], 10, ("train/part-00000.parquet", 1, "label must be an int, got bool")),
+        ([(png(0), 0), (png(1), 1.0)], 10, ("train/part-00000.parquet", 1, "label must be an int, got float")),
+        (
+            [(png(0), 0), (png(1), 1), (png(2), 2), (png(3), -1)],
+            3,
+            ("train/part-00001.parquet", 0, "label -1 out of range [0, 3)"),
+        ),
+    ]
+    for records, shard_rows, where in cases:
+        with pytest.raises(DatasetError) as err:
+            write_dataset(tmp_path / "d", MANIFEST, records, shard_rows=shard_rows)
+        assert (err.value.file, err.value.row, err.value.reason) == where
+    with pytest.raises(DatasetError) as err:
+        write_dataset(tmp_path / "e", MANIFEST, [])
+    assert (err.value.file, err.value.reason) == ("train/", "no training records")
+    with pytest.raises(ValueError, match=r"^shard_rows must be >= 1, got 0$"):
+        write_dataset(tmp_path / "e", MANIFEST, TRAIN, shard_rows=0)
+    with pytest.raises(TypeError, match=r"^manifest must be a Manifest, got dict$"):
+        write_dataset(tmp_path / "e", {"name": "toy"}, TRAIN)
+    # bytearray images and numpy integer labels are accepted, and stored as bytes and int64.
+    write_dataset(tmp_path / "f", MANIFEST, [(bytearray(png(0)), np.int64(2)), (png(1), np.int32(0))])
+    assert read_all(tmp_path / "f", "train") == [(png(0), 2), (png(1), 0)]
+
+
+def test_a_failed_rewrite_leaves_no_manifest(toy):
+    # The manifest is what marks a dataset complete: a rewrite removes it first.
+    with pytest.raises(DatasetError, match="out of range"):
+        write_dataset(toy, MANIFEST, [(png(0), 0), (png(1), 5)])
+    assert not (toy / "manifest.json").exists()
+
+
+def test_written_shards_use_zstd_and_the_default_shard_size(tmp_path):
+    write_dataset(tmp_path / "d", MANIFEST, [(TRAIN[0][0], i % 3) for i in range(2049)])
+    assert list_shards(tmp_path / "d", "train") == ["train/part-00000.parquet", "train/part-00001.parquet"]
+    meta = pq.ParquetFile(tmp_path / "d" / "train" / "part-00000.parquet").metadata
+    assert meta.num_rows == 2048 and meta.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_encode_png_is_plain_zlib_level_6(tmp_path):
+    # Built domains are fingerprinted by their bytes: the encoding must not drift.
+    img = Image.open(io.BytesIO(png(9, (16, 16)))).convert("RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=6)
+    assert encode_png(img) == buf.getvalue()
+    for other in ({"optimize": True, "compress_level": 6}, {"optimize": False, "compress_level": 7}, {}):
+        alt = io.BytesIO()
+        img.save(alt, format="PNG", **other)
+        assert alt.getvalue() != buf.getvalue() or other == {}, other
+    assert decode_image(encode_png(img)).tobytes() == img.tobytes()
+
+
+def test_convert_image_folder_options_and_what_it_skips(tmp_path):
+    src = tmp_path / "tree"
+    files = {
+        "train/bird/0-readme.txt": b"not an image, sorted before the images",
+        "train/bird/a.png": png(1),
+        "train/cat_dog/b.png": png(2),
+        "train/notes.txt": b"a file, not a class",
+        "train/.cache/c.png": png(3),
+        "test/cat_dog/d.png": png(4),  # no test/bird: the folder is skipped, not the rest
+    }
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    manifest = convert_image_folder(src, "out", "pets", "a {} pet.", description="pets!", filesystem=fs, shard_rows=1)
+    assert manifest == Manifest(name="pets", classes=["bird", "cat dog"], template="a {} pet.", description="pets!")
+    out = tmp_path / "out"
+    assert read_manifest(out) == manifest
+    assert read_all(out, "train") == [(png(1), 0), (png(2), 1)]
+    assert list_shards(out, "train") == ["train/part-00000.parquet", "train/part-00001.parquet"]
+    assert read_all(out, "test") == [(png(4), 1)]
+    plain = convert_image_folder(src, tmp_path / "plain", "pets")
+    assert (plain.template, plain.description) == ("a photo of a {}.", "")
+    with pytest.raises(DatasetError) as err:
+        convert_image_folder(src, tmp_path / "tiny", "pets", max_pixels=10)
+    assert err.value.file == "train/bird/a.png" and err.value.reason == "image has 8x8 = 64 pixels, more than 10"
+    shutil.rmtree(src / "test")
+    convert_image_folder(src, tmp_path / "notest", "pets")
+    assert not (tmp_path / "notest" / "test").exists()
+    with pytest.raises(DatasetError) as err:
+        convert_image_folder(tmp_path / "nowhere", tmp_path / "x", "pets")
+    assert (err.value.file, err.value.reason) == ("train/", f"no train/ folder in {tmp_path / 'nowhere'}")
+    (src / "test" / "fish").mkdir(parents=True)
+    with pytest.raises(DatasetError) as err:
+        convert_image_folder(src, tmp_path / "y", "pets")
+    assert (err.value.file, err.value.reason) == ("test/", "test classes ['fish'] have no train/ folder")
+
+
+def test_report_markdown_exactly():
+    report = DatasetReport(path="s3://bucket/incoming/toy", num_train=5, num_test=2)
+    assert report.to_markdown() == (
+        "# Dataset `s3://bucket/incoming/toy`: valid\n\n- location: `s3://bucket/incoming/toy`\n"
+        "- train images: 5\n- test images: 2\n"
+    )
+    report.name = "toy"
+    report.class_counts = {"cat": 3, "dog": 2}
+    report.errors = [
+        DatasetError("label 12 out of range [0, 2)", "train/part-00000.parquet", 0),
+        DatasetError("a | b\nc", None, None),
+        DatasetError("third", "train/", None),
+    ]
+    assert report.to_markdown(max_errors=2) == "\n".join([
+        "# Dataset `toy`: 3 problem(s)",
+        "",
+        "- location: `s3://bucket/incoming/toy`",
+        "- train images: 5",
+        "- test images: 2",
+        "",
+        "## Problems",
+        "",
+        "| file | row | problem |",
+        "|---|---|---|",
+        "| train/part-00000.parquet | 0 | label 12 out of range [0, 2) |",
+        "|  |  | a \\| b c |",
+        "| | | ... and 1 more |",
+        "",
+        "## Train images per class",
+        "",
+        "| label | class | images |",
+        "|---|---|---|",
+        "| 0 | cat | 3 |",
+        "| 1 | dog | 2 |",
+    ]) + "\n"  # fmt: skip
+    assert report.to_markdown(max_errors=3).count("\n| ") == 3 + 2 + 2 and "more |" not in report.to_markdown(
+        max_errors=3
+    )
+    assert report.to_markdown() == report.to_markdown(max_errors=200)
+
+
+def test_report_lists_at_most_200_problems_by_default():
+    report = DatasetReport(path="d", errors=[DatasetError(f"problem {i}", "train/", i) for i in range(201)])
+    md = report.to_markdown()
+    assert "| train/ | 199 | problem 199 |" in md and "problem 200 |" not in md
+    assert md.endswith("| | | ... and 1 more |\n")
+    assert "more |" not in DatasetReport(path="d", errors=report.errors[:200]).to_markdown()
+
+
+def test_canonical_manifest_json_keeps_unicode_as_is(tmp_path):
+    m = Manifest(name="drinks", classes=["café", "thé"], template="a cup of {}.", description="ignored")
+    assert m.canonical_json() == '{"classes":["café","thé"],"format_version":1,"template":"a cup of {}."}'
+    records = [(png(0), 0), (png(1), 1)]
+    write_dataset(tmp_path / "d", m, records)
+    assert dataset_fingerprint(tmp_path / "d") == spec_fingerprint(m, {"train": records})
+
+
+def test_load_split_tensors_with_a_limit_of_zero_finds_nothing(toy):
+    with pytest.raises(DatasetError) as err:
+        load_split_tensors(toy, "train", lambda img: torch.zeros(1), limit=0)
+    assert (err.value.file, err.value.reason) == ("train/", "split 'train' is empty")
+
+
+def test_validate_locates_a_problem_in_a_later_batch(tmp_path):
+    broken = png(3, (64, 64))[:300]
+    root = tmp_path / "d"
+    write_dataset(root, MANIFEST, [(TRAIN[0][0], 0)] * 3)
+    _write_table(root / "train/part-00000.parquet",
+                 pa.table({"image": pa.array([TRAIN[0][0]] * 1050 + [broken] + [TRAIN[0][0]] * 49, pa.binary()),
+                           "label": pa.array([i % 3 for i in range(1099)] + [4], pa.int64())}))  # fmt: skip
+    report = validate_dataset(root)
+    assert [(e.file, e.row) for e in report.errors] == [
+        ("train/part-00000.parquet", 1050),
+        ("train/part-00000.parquet", 1099),
+    ]
+    assert report.errors[1].reason == "label 4 out of range [0, 3)" and report.num_train == 1100
+
+
+# --- the image decoder's conversions and messages -------------------------------------------------
+
+
+def _encoded(img: Image.Image, **params) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **params)
+    return buf.getvalue()
+
+
+def test_transparent_pixels_are_composited_on_white():
+    la = Image.new("LA", (2, 1))
+    la.putpixel((0, 0), (40, 0))  # fully transparent
+    la.putpixel((1, 0), (40, 255))  # opaque grey
+    assert list(decode_rgb(_encoded(la)).getdata()) == [(255, 255, 255), (40, 40, 40)]
+    rgba = Image.new("RGBA", (2, 1))
+    rgba.putpixel((0, 0), (200, 10, 10, 0))
+    rgba.putpixel((1, 0), (200, 10, 10, 255))
+    assert list(decode_rgb(_encoded(rgba)).getdata()) == [(255, 255, 255), (200, 10, 10)]
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([0, 0, 255, 0, 128, 0] + [0] * 762)
+    palette.putpixel((0, 0), 0)
+    palette.putpixel((1, 0), 1)
+    assert list(decode_rgb(_encoded(palette)).getdata()) == [(0, 0, 255), (0, 128, 0)]
+    # Palette index 0 made transparent (a tRNS chunk): composited on white like an alpha channel.
+    assert list(decode_rgb(_encoded(palette, transparency=0)).getdata()) == [(255, 255, 255), (0, 128, 0)]
+    rgb = decode_rgb(_encoded(Image.new("RGB", (1, 1), (1, 2, 3))))
+    assert rgb.mode == "RGB" and list(rgb.getdata()) == [(1, 2, 3)]
+
+
+def test_decoder_messages_name_the_accepted_formats():
+    for formats, names in (
+        (("PNG",), "PNG"),
+        (("PNG", "JPEG"), "PNG or JPEG"),
+        (("PNG", "JPEG", "GIF"), "PNG, JPEG or GIF"),
+    ):
+        with pytest.raises(ImageDecodeError) as err:
+            decode_rgb(b"definitely not an image", formats=formats)
+        assert (err.value.code, err.value.message) == (
+            "not_an_image",
+            f"not a {names} image (cannot identify the image data)",
+        )
+    gif = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(gif, format="GIF")
+    with pytest.raises(ImageDecodeError) as err:
+        decode_rgb(gif.getvalue(), formats=("PNG", "JPEG", "WEBP"))
+    assert err.value.message == "unsupported image format GIF: only PNG, JPEG or WEBP are accepted"
+    assert err.value.status == 415
+
+
+def test_broken_images_say_what_broke(monkeypatch):
+    truncated = png(3, (64, 64))[:300]
+    with pytest.raises(ImageDecodeError) as err:
+        decode_rgb(truncated)
+    assert err.value.code == "truncated_image"
+    assert err.value.message.startswith("PNG image is truncated or corrupt (OSError: image file is truncated")
+    with pytest.raises(ImageDecodeError) as err:
+        decode_rgb(truncated, where="file")
+    assert err.value.message.startswith("file: PNG image is truncated or corrupt (")
+
+    def raising(error):
+        def fail(*args, **kwargs):
+            raise error
+
+        return fail
+
+    # Errors without a message, or whose kind (EOFError) says truncated, from the header or the decode.
+    for where, error, code, detail in (
+        (Image, OSError(), "corrupt_image", "OSError"),
+        (Image, OSError("bad CRC"), "corrupt_image", "OSError: bad CRC"),
+        (ImageFile.ImageFile, EOFError(), "truncated_image", "EOFError"),
+        (ImageFile.ImageFile, ValueError("Truncated data"), "truncated_image", "ValueError: Truncated data"),
+    ):
+        with monkeypatch.context() as patch:
+            patch.setattr(where, "open" if where is Image else "load", raising(error))
+            with pytest.raises(ImageDecodeError) as err:
+                decode_rgb(png(1))
+        assert (err.value.code, err.value.message) == (code, f"PNG image is truncated or corrupt ({detail})")
+
+
+def test_header_size_reads_only_the_header_of_allowed_formats():
+    import warnings
+
+    assert header_size(png(1, (7, 5)), ("PNG",)) == (7, 5)
+    assert header_size(png(1, (7, 5)), ("JPEG",)) is None
+    assert header_size(b"\x89PNG\r\n\x1a\n broken", ("PNG",)) is None
+    ihdr = struct.pack(">IIBBBBB", 10_000, 9_000, 8, 2, 0, 0, 0)  # 90 M pixels: above PIL's warning limit
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    idat = zlib.compress(b"\x00" * 16)
+    idat = struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert header_size(b"\x89PNG\r\n\x1a\n" + chunk + idat, ("PNG",)) == (10_000, 9_000)
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_decode_errors_survive_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ImageDecodeError("image_too_large", "too big", 413)))
+    assert type(err) is ImageDecodeError and (err.code, err.message, err.status) == ("image_too_large", "too big", 413)
+    back = pickle.loads(pickle.dumps(DatasetError("label 3 out of range [0, 3)", "train/part-00000.parquet", 4)))
+    assert (type(back), back.reason, back.file, back.row) == (
+        DatasetError,
+        "label 3 out of range [0, 3)",
+        "train/part-00000.parquet",
+        4,
+    )

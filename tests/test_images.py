@@ -22,6 +22,7 @@ def encoded(size: tuple[int, int], fmt: str = "PNG", mode: str = "RGB", color=(1
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header names ``width`` x ``height`` pixels but which holds no pixel data."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 

@@ -7,7 +7,9 @@ services: one decode per image, and the fingerprint from the same pass.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -207,3 +209,91 @@ def test_the_same_dataset_gives_the_same_registry_records_from_diki_train_and_fr
     cli_record, watcher_record = _record_of(by_cli), _record_of(by_watcher)
     assert cli_record["params"]["dataset.name"] == "quads" and cli_record["tags"]["promotion"] == "passed"
     assert cli_record == watcher_record
+
+
+# --- a task must earn its place ---------------------------------------------------------------------
+
+
+def _faces(root: Path, name: str, shuffled: bool) -> Path:
+    """The offline `faces` domain (2 classes), as built for the benchmark; optionally with shuffled labels."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diki_model.datasets import build_domain
+
+    built = Path(build_domain("faces", root / "built", 0, train_size=480, test_size=60))
+    out = root / name
+    shutil.copytree(built, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["name"] = name
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    if shuffled:
+        rng = np.random.default_rng(7)
+        for split in ("train", "test"):
+            for shard in sorted((out / split).glob("*.parquet")):
+                table = pq.read_table(shard)
+                labels = rng.permutation(np.asarray(table.column("label")))
+                pq.write_table(table.set_column(1, "label", pa.array(labels, pa.int64())), shard)
+    return out
+
+
+def test_a_task_that_learned_nothing_is_refused_and_a_learnable_one_is_served(
+    prefect_api, bucket, ray_session, tmp_path
+):
+    """The shipped backbone, the learning check on (the default): shuffled labels end `not_learned`."""
+    from pipelines.state import Stage, StateStore
+    from pipelines.watcher import watch_incoming
+    from services.registry import Registry
+    from services.storage import open_storage
+    from tests.test_pipeline import datasets_json
+
+    config = write_config(
+        tmp_path,
+        bucket,
+        backbone={"name": "diki-small"},
+        train={"epochs": 2, "batch_size": 64, "seed": 0},
+        promotion={"require_learned": True, "require_new_task_gain": True},
+    )
+    settings = Settings.load(config)
+    drop(settings, _faces(tmp_path / "src", "noise", shuffled=True), "noise")
+
+    [result] = watch_incoming(config=str(config))["results"]
+
+    assert result["status"] == "not_learned", result
+    registry = Registry(settings)
+    assert registry.list_versions() == [] and registry.get_alias("production") is None
+    record = StateStore(open_storage(settings), settings).get("noise")
+    assert record is not None and record.stage == Stage.NOT_LEARNED and record.version is None
+    checks = record.learned["checks"]
+    # The report's figures: the branch is no better than chance, and neither is a linear probe.
+    assert checks["val_images"] >= 40 and checks["num_classes"] == 2
+    assert checks["branch_acc"] < checks["needed_accuracy"]
+    assert checks["probe_acc"] is not None and checks["probe_acc"] < 0.75
+    row = datasets_json(config)["noise"]
+    assert row["state"] == "not_learned" and "zero-shot" in row["detail"] and "linear probe" in row["detail"]
+
+    drop(settings, _faces(tmp_path / "src", "faces", shuffled=False), "faces")
+    [result] = watch_incoming(config=str(config))["results"]
+    assert result["status"] == "served", result
+    record = StateStore(open_storage(settings), settings).get("faces")
+    assert record.learned["ok"] and record.learned["checks"]["branch_acc"] > record.learned["checks"]["zero_shot_acc"]
+    assert [v.tasks for v in registry.list_versions()] == [["faces"]]
+    assert any(r.startswith("new task 'faces'") for r in record.decision["reasons"])
+
+
+def test_diki_train_refuses_a_task_that_learned_nothing(ray_session, tmp_path):
+    from pipelines.learning import TaskNotLearnedError, learn_dataset
+    from services.registry import Registry
+
+    settings = Settings.load(
+        home=str(tmp_path / "home"),
+        backbone={"name": "diki-small"},
+        train={"epochs": 2, "batch_size": 64, "seed": 0},
+        ray={"num_cpus": 2},
+    )
+    with pytest.raises(TaskNotLearnedError, match="is not above chance"):
+        learn_dataset(settings, str(_faces(tmp_path / "src", "noise", shuffled=True)), heldout=[])
+    registry = Registry(settings)
+    assert registry.list_versions() == []
+    assert registry.client.search_runs([registry.experiment_id]) == []

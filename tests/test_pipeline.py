@@ -89,8 +89,14 @@ def write_config(tmp_path: Path, server: S3Server | None, bucket: str = BUCKET, 
         "pipeline": {"poll_interval_s": 1},
         # Never the default 8000: another Serve on this machine must not be told to reload.
         "serve": {"host": "127.0.0.1", "port": free_ports(1)[0]},
-        # The gate is tested in test_registry; here a tiny random model must not be refused by chance.
-        "promotion": {"max_task_drop": 1.0, "min_zero_shot_retention": 0.0},
+        # Promotion and the learning check are tested in test_promotion and test_learning; the tiny
+        # random model learns nothing measurable and must not be refused here.
+        "promotion": {
+            "max_task_drop": 1.0,
+            "min_zero_shot_retention": 0.0,
+            "require_learned": False,
+            "require_new_task_gain": False,
+        },
     }
     if server is not None:
         data["storage"] = {"root": f"s3://{bucket}/t-{uuid.uuid4().hex[:10]}"}

@@ -185,6 +185,14 @@ def test_a_refused_candidate_leaves_production_untouched(bundles, registry, tmp_
     tags = registry.get_version(2).tags
     assert tags["promotion"] == "refused" and "drop 20.0 points" in json.loads(tags["promotion_reasons"])[0]
     assert registry.alias_history("production") == [1]
+    # What a person reads first in the MLflow UI: what each version adds, and what was decided.
+    descriptions = {v: registry.client.get_model_version(registry.model_name, str(v)).description for v in (1, 2)}
+    assert (
+        descriptions[1]
+        == "Task 'alpha' on the bare backbone (1 task). Promotion passed, now production: first version."
+    )
+    assert descriptions[2].startswith("Adds task 'beta' to version 1 (2 tasks: alpha > beta). Promotion refused")
+    assert "candidate only" in descriptions[2] and "90.0% -> 70.0% (drop 20.0 points > 2.0 allowed)" in descriptions[2]
 
 
 # --- an MLflow server with its artifacts on the S3 server ----------------------------------------

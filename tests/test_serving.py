@@ -252,9 +252,18 @@ def published(world: World) -> World:
 
 
 def client(world: World, **kw):
-    from services.serving.client import ServingClient
+    """A client with the keys of the world's settings (the admin key file that building the app created)."""
+    from services.serving.client import ServingClient, serving_keys
 
-    return ServingClient(world.url, **kw)
+    return ServingClient(world.url, **{"api_key": serving_keys(world.settings), **kw})
+
+
+def admin_headers(world: World) -> dict[str, str]:
+    from services.serving.keys import read_admin_key
+
+    key = read_admin_key(world.settings)
+    assert key, "building the app creates the admin key file"
+    return {"X-Admin-Key": key}
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -524,7 +533,7 @@ def test_registry_outage_keeps_the_last_good_bundle(published: World) -> None:
             assert ready["last_reload_error"] and "registry" in ready["last_reload_error"]
             answer = c.classify(img)
             assert answer["bundle_version"] == v2 and answer["task"] == "colours"
-            r = httpx.post(f"{published.url}/v1/admin/reload", timeout=60)
+            r = httpx.post(f"{published.url}/v1/admin/reload", headers=admin_headers(published), timeout=60)
             assert r.status_code == 503 and r.json()["error"]["code"] == "registry_unavailable"
             text = c.metrics()
             assert metric(text, "diki_registry_up") == 0
@@ -538,3 +547,175 @@ def test_registry_outage_keeps_the_last_good_bundle(published: World) -> None:
             time.sleep(0.3)
         ready = c.ready()
     assert ready["registry_reachable"] is True and ready["last_reload_error"] is None and ready["bundle_version"] == v2
+
+
+# ------------------------------------------------------------------------------ hardening (issue 13)
+def test_the_admin_route_needs_the_admin_key_which_is_kept_owner_only(published: World) -> None:
+    import stat
+
+    from services.serving.keys import admin_key_path
+
+    path = admin_key_path(published.settings)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    url = f"{published.url}/v1/admin/reload"
+    # No API key is configured for the classify routes (the default): they stay open, the admin route does not.
+    missing = httpx.post(url, timeout=30)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
+    assert "X-Admin-Key" in missing.json()["error"]["message"]
+    wrong = httpx.post(url, headers={"X-Admin-Key": "not-the-key"}, timeout=30)
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    ok = httpx.post(url, headers=admin_headers(published), timeout=60)
+    assert ok.status_code == 200 and ok.json()["bundle_version"] == published.registered[2]
+    with client(published) as c:  # the client finds the key from the settings alone
+        assert c.reload()["bundle_version"] == published.registered[2]
+        assert c.classify(noise_png(5), labels=["a", "b"])["bundle_version"] == published.registered[2]
+
+
+def large_png(seed: int, size: int = 400) -> bytes:
+    """Noise does not compress: a 400 x 400 PNG is about 480 kB (decoded off the event loop)."""
+    return noise_png(seed, size=size)
+
+
+def test_reloads_during_a_registry_hang_never_starve_classify_requests(published: World) -> None:
+    """The registry hangs for real (MLflow stopped with SIGSTOP). Eight admin reloads at once: one waits
+    on the registry on the admin thread, the others are told 429 at once; classify calls stay fast."""
+    proc = published.mlflow.proc
+    assert proc is not None and proc.poll() is None
+    image = large_png(1)
+    assert len(image) > 400_000
+    headers = admin_headers(published)
+    statuses: list[int] = []
+    with client(published) as c:
+        c.classify(image)  # warm the path
+    os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+
+        def reload() -> None:
+            r = httpx.post(f"{published.url}/v1/admin/reload", headers=headers, timeout=120)
+            statuses.append(r.status_code)
+
+        threads = [threading.Thread(target=reload) for _ in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        timings = []
+        with client(published, retry_for_s=0) as c:
+            for _ in range(3):
+                start = time.monotonic()
+                answer = c.classify(image)
+                timings.append(time.monotonic() - start)
+                assert answer["bundle_version"] == published.registered[2]
+        for t in threads:
+            t.join(120)
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
+    assert max(timings) < 2.0, f"classify took {timings} s while reloads waited on a hung registry"
+    assert sorted(statuses).count(429) >= 6 and all(s in (200, 429, 503) for s in statuses), statuses
+    with client(published) as c:
+        deadline = time.monotonic() + 60
+        while c.ready()["registry_reachable"] is not True and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert c.reload()["bundle_version"] == published.registered[2]
+
+
+def _memory(world: World) -> tuple[float, float]:
+    """The replica's resident memory and its anonymous (own) part, in bytes, from /metrics."""
+    with client(world) as c:
+        text = c.metrics()
+    return metric(text, "process_resident_memory_bytes"), metric(text, "diki_process_anonymous_memory_bytes")
+
+
+def send_until_answered(url: str, head: dict[str, str], chunks: Iterator[bytes]) -> tuple[int, bytes, int]:
+    """POST over a raw socket, sending ``chunks`` until the server answers: (status, body, bytes sent).
+
+    A real client that keeps uploading while the server has already refused the request.
+    """
+    import select
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=60)
+    try:
+        lines = [f"POST {parts.path} HTTP/1.1", f"Host: {parts.hostname}:{parts.port}", "Connection: close"]
+        lines += [f"{k}: {v}" for k, v in head.items()]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        sent = 0
+        chunked = "Transfer-Encoding" in head
+        for chunk in chunks:
+            if select.select([sock], [], [], 0)[0]:
+                break
+            try:
+                sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" if chunked else chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+        else:
+            select.select([sock], [], [], 60)
+        data = b""
+        while True:
+            try:
+                part = sock.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not part:
+                break
+            data += part
+            if b"\r\n\r\n" in data and data.split(b"\r\n\r\n", 1)[1].rstrip().endswith(b"}"):
+                break
+    finally:
+        sock.close()
+    head_text, _, body = data.partition(b"\r\n\r\n")
+    status = int(head_text.split(b" ", 2)[1]) if head_text.startswith(b"HTTP/") else 0
+    return status, body, sent
+
+
+def test_an_oversized_batch_body_is_refused_before_it_is_read_and_memory_returns(published: World) -> None:
+    """Eight 10 MiB images (~112 MB of JSON): within the images and batch limits, over the body limit.
+
+    Refused from its Content-Length with nothing read; sent without a length (chunked), refused once the
+    body limit is passed. The replica's own memory comes back to where it was.
+    """
+    import base64
+    import json
+
+    image = base64.b64encode(os.urandom(10 * 1024 * 1024)).decode()
+    body = json.dumps({"items": [{"image_base64": image, "labels": ["a", "b"]} for _ in range(8)]}).encode()
+    del image
+    assert 100e6 < len(body) < 115e6
+    url = f"{published.url}/v1/classify/batch"
+    step = 1024 * 1024
+
+    def chunked() -> None:
+        status, answer, _ = send_until_answered(
+            url,
+            {"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+            (body[i : i + step] for i in range(0, len(body), step)),
+        )
+        assert status == 413 and json.loads(answer)["error"]["code"] == "body_too_large", (status, answer[:300])
+
+    # The first large body maps pages of Ray's object store into the replica (they stay mapped, shared).
+    chunked()
+    time.sleep(2.0)
+    rss_before, own_before = _memory(published)
+
+    start = time.monotonic()
+    status, answer, sent = send_until_answered(
+        url, {"Content-Type": "application/json", "Content-Length": str(len(body))}, iter([body[:65536]])
+    )
+    assert status == 413 and json.loads(answer)["error"]["code"] == "body_too_large", (status, answer[:300])
+    assert time.monotonic() - start < 5.0 and sent <= 65536  # refused from the header: the body was never read
+    for _ in range(2):
+        chunked()  # (Serve's HTTP proxy takes the whole upload off the socket; the replica reads at most its limit)
+    time.sleep(3.0)  # the replica gives the freed memory back shortly after such a request
+    rss_after, own_after = _memory(published)
+    print(
+        f"replica memory: resident {rss_before / 1e6:.0f} -> {rss_after / 1e6:.0f} MB, "
+        f"own (anonymous) {own_before / 1e6:.0f} -> {own_after / 1e6:.0f} MB"
+    )
+    assert own_after - own_before < 48e6, "the replica kept the memory of refused bodies"
+    # Resident memory also counts pages of Ray's shared object store the bodies passed through (bounded
+    # by the store, reused): far below the 336 MB of bodies sent, which the replica no longer holds.
+    assert rss_after - rss_before < 150e6
+    with client(published) as c:  # and it still serves
+        assert c.classify(noise_png(9), labels=["a", "b"])["bundle_version"] == published.registered[2]

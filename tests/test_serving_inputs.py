@@ -40,6 +40,7 @@ MAX_BATCH = 4
 @dataclass
 class Inputs:
     url: str
+    admin_key: str | None = None
 
     def post(self, path: str = "/v1/classify", headers: dict | None = None, **kw) -> httpx.Response:
         start = time.monotonic()
@@ -82,7 +83,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inputs]:
             },
             name=APP,
         )
-        yield Inputs(f"http://127.0.0.1:{port}")
+        from services.serving.keys import read_admin_key
+
+        yield Inputs(f"http://127.0.0.1:{port}", read_admin_key(Settings.load(**overrides)))
     finally:
         try:
             serve.shutdown()
@@ -311,6 +314,31 @@ def test_api_key_guards_the_classify_and_admin_routes(server: Inputs) -> None:
 def test_unknown_routes_and_methods_answer_json(server: Inputs) -> None:
     error(httpx.get(server.url + "/v2/classify", timeout=30), 404, "not_found")
     error(httpx.get(server.url + "/v1/classify", timeout=30), 405, "method_not_allowed")
+
+
+def test_a_405_names_the_allowed_methods(server: Inputs) -> None:
+    for method, path, allowed in (
+        ("GET", "/v1/classify", "POST"),
+        ("PUT", "/v1/classify/batch", "POST"),
+        ("DELETE", "/v1/tasks", "GET"),
+        ("GET", "/v1/admin/reload", "POST"),
+    ):
+        r = httpx.request(method, server.url + path, timeout=30)
+        error(r, 405, "method_not_allowed")
+        assert r.headers.get("allow") == allowed, (method, path, dict(r.headers))
+
+
+def test_the_admin_route_takes_the_admin_key_not_the_api_key(server: Inputs) -> None:
+    from services.serving.keys import ADMIN_KEY_HEADER
+
+    admin_key = server.admin_key
+    assert admin_key and admin_key != KEY
+    # The classify routes' key does not open the admin routes.
+    error(httpx.post(server.url + "/v1/admin/reload", headers=AUTH, timeout=30), 401, "invalid_api_key")
+    ok = httpx.post(server.url + "/v1/admin/reload", headers={ADMIN_KEY_HEADER: admin_key}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["bundle_version"] == 7, ok.text
+    body = httpx.post(server.url + "/v1/admin/reload", headers={"Authorization": f"Bearer {admin_key}"}, timeout=60)
+    assert body.status_code == 200
 
 
 # ------------------------------------------------------------------------------ schemathesis

@@ -203,6 +203,67 @@ def test_weed_command_names_every_port_and_no_credentials(tmp_path: Path) -> Non
     assert "AWS" not in command
 
 
+def test_the_ray_head_keeps_only_the_secrets_its_jobs_need(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every job on the head sees its environment: the S3 pair (Train workers read datasets) stays, the
+    calling shell's other credentials do not reach it."""
+    secret = "stack-secret-" + uuid.uuid4().hex
+    settings = stack_settings(tmp_path, s3={"access_key_id": "AKIATEST", "secret_access_key": secret})
+    for name in ("GITHUB_TOKEN", "PGPASSWORD", "SOME_SERVICE_API_KEY", "DIKI_SERVE__ADMIN_KEY"):
+        monkeypatch.setenv(name, "leak-" + name.lower())
+    monkeypatch.setenv("DIKI_STACK__MLFLOW_BACKEND_STORE_URI", "postgresql://u:pw@db:5432/mlflow")
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    by_name = {s.name: s for s in Stack(settings).services()}
+    ray = by_name["ray"]
+    for name in (
+        "GITHUB_TOKEN",
+        "PGPASSWORD",
+        "SOME_SERVICE_API_KEY",
+        "DIKI_SERVE__ADMIN_KEY",
+        "DIKI_STACK__MLFLOW_BACKEND_STORE_URI",
+    ):
+        assert name in ray.unset_env and name not in ray.env, name
+    assert "LANG" not in ray.unset_env and ray.env["AWS_SECRET_ACCESS_KEY"] == secret
+    # The S3 server signs its filer's and volumes' HTTP traffic: no listing through the filer port.
+    keys = [by_name["s3"].env[k] for k in ("WEED_JWT_FILER_SIGNING_KEY", "WEED_JWT_FILER_SIGNING_READ_KEY")]
+    assert all(len(k) == 64 and k not in " ".join(by_name["s3"].command) for k in keys)
+
+
+def test_service_logs_are_rotated_at_their_size_cap(tmp_path: Path) -> None:
+    """A chatty service (like Serve's request log): its log never passes the cap, older parts are kept."""
+    from services.stack import Supervisor
+
+    home = tmp_path / "stack"
+    supervisor = Supervisor(
+        home,
+        home / "data",
+        home / "logs",
+        home / "run",
+        start_timeout_s=30,
+        stop_timeout_s=10,
+        log_max_bytes=8192,
+        log_backups=2,
+    )
+    marker = home / "printed"
+    code = (
+        "import sys, time, pathlib\n"
+        "for i in range(3000): print(f'request {i:05d} POST /v1/classify 200 3ms', flush=True)\n"
+        f"pathlib.Path({str(marker)!r}).write_text('done')\n"
+        "time.sleep(600)\n"
+    )
+    spec = ServiceSpec(name="chatty", command=[sys.executable, "-c", code], health_check=marker.exists)
+    try:
+        assert supervisor.up([spec], lambda _msg: None) == (["chatty"], [])
+        time.sleep(0.5)
+        logs = sorted((home / "logs").glob("chatty.log*"))
+        assert [p.name for p in logs] == ["chatty.log", "chatty.log.1", "chatty.log.2"]
+        assert all(p.stat().st_size <= 8192 for p in logs), [(p.name, p.stat().st_size) for p in logs]
+        assert stat.S_IMODE(logs[0].stat().st_mode) == 0o600
+        assert "request 02999" in (home / "logs" / "chatty.log").read_text()
+    finally:
+        assert supervisor.down(lambda _msg: None) == ["chatty"]
+    assert list((home / "run").glob("*.pid")) == []
+
+
 def test_up_refuses_busy_ports_and_down_on_nothing(tmp_path: Path) -> None:
     settings = stack_settings(tmp_path)
     stack = Stack(settings)
@@ -264,6 +325,17 @@ def test_stack_lifecycle(tmp_path: Path, ray_temp_dir: Path) -> None:
         assert httpx.get(f"http://127.0.0.1:{ports.mlflow}/health", timeout=5).text.strip() == "OK"
         assert httpx.get(f"http://127.0.0.1:{ports.prefect}/api/health", timeout=5).json() is True
         assert httpx.get(f"http://127.0.0.1:{ports.ray_dashboard}/api/gcs_healthz", timeout=5).is_success
+        # The S3 server's filer port answers nobody without a token signed by the S3 gateway (the S3
+        # port itself needs the credentials): no listing, no reading, no writing around them.
+        for path in ("/buckets/", f"/buckets/{settings.stack.bucket}/"):
+            listing = httpx.get(f"http://127.0.0.1:{ports.filer}{path}", headers={"Accept": "application/json"})
+            assert listing.status_code == 401, listing.text
+        write = httpx.post(f"http://127.0.0.1:{ports.filer}/buckets/x.txt", files={"file": ("x", b"x")}, timeout=5)
+        assert write.status_code == 401
+        # The Serve admin key is made before `serve` starts, owner-only.
+        from services.serving.keys import admin_key_path
+
+        assert stat.S_IMODE(admin_key_path(settings).stat().st_mode) == 0o600
 
         # The env file points a client at the stack, readable by the owner only.
         env = stack.client_env()
@@ -357,6 +429,66 @@ def test_failed_start_rolls_back(tmp_path: Path, ray_temp_dir: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_ray_head_with_token_auth_refuses_unauthenticated_jobs_and_gives_jobs_no_stray_secrets(
+    tmp_path: Path, ray_temp_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`stack.ray_token_auth`: the real Ray head of the stack (alone), a job submitted over its Jobs API."""
+    from services.stack.recipes import ray_service
+
+    settings = stack_settings(tmp_path)
+    settings.stack.ray_temp_dir = ray_temp_dir
+    settings.stack.ray_token_auth = True
+    monkeypatch.setenv("SOME_SERVICE_API_TOKEN", "leak-me-" + uuid.uuid4().hex)
+    stack = Stack(settings)
+    ctx = stack.context(create_credentials=True)
+    token_file = stack.ray_token_file
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert ctx.client_env["RAY_AUTH_MODE"] == "token" and ctx.client_env["RAY_AUTH_TOKEN_PATH"] == str(token_file)
+    spec = ray_service(ctx)
+    assert spec.env["RAY_AUTH_MODE"] == "token"
+    jobs = f"http://127.0.0.1:{settings.stack.ports.ray_dashboard}/api/jobs/"
+    entrypoint = 'python -c "import os; print(sorted(os.environ))"'
+    try:
+        stack.supervisor.up([spec], lambda _msg: None)
+        refused = httpx.post(jobs, json={"entrypoint": entrypoint}, timeout=30)
+        assert refused.status_code == 401, refused.text
+        auth = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
+        submitted = httpx.post(jobs, json={"entrypoint": entrypoint}, headers=auth, timeout=60)
+        assert submitted.status_code == 200, submitted.text
+        job = submitted.json()["submission_id"]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            status = httpx.get(jobs + job, headers=auth, timeout=30).json()["status"]
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                break
+            time.sleep(1)
+        assert status == "SUCCEEDED"
+        logs = httpx.get(jobs + job + "/logs", headers=auth, timeout=30).json()["logs"]
+        assert "AWS_SECRET_ACCESS_KEY" in logs  # Train workers read the datasets in the bucket
+        assert "SOME_SERVICE_API_TOKEN" not in logs, "a credential of the calling shell reached the job"
+        # A client of the stack connects with the token; one without it is refused.
+        code = (
+            "import sys, ray; ray.init(address=sys.argv[1], log_to_driver=False); print(ray.cluster_resources()['CPU'])"
+        )
+        env = {**os.environ, **{k: ctx.client_env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}}
+        env["RAY_USAGE_STATS_ENABLED"] = "0"
+        address = ctx.client_env["RAY_ADDRESS"]
+        ok = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, text=True, timeout=90)
+        assert ok.returncode == 0 and ok.stdout.strip().splitlines()[-1] == "2.0", ok.stderr[-2000:]
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+        env.pop("RAY_AUTH_TOKEN_PATH", None)
+        try:
+            no = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, timeout=60)
+            connected = no.returncode == 0
+        except subprocess.TimeoutExpired:  # it keeps retrying: it never got in
+            connected = False
+        assert not connected
+    finally:
+        stack.supervisor.down(lambda _msg: None)
+    assert all(port_is_free(p) for p in spec.ports)
+
+
+@pytest.mark.slow
 def test_stack_learns_a_pushed_dataset_and_serves_it(
     tmp_path: Path, ray_temp_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -382,7 +514,12 @@ def test_stack_learns_a_pushed_dataset_and_serves_it(
                 "pipeline": {"poll_interval_s": 5},
                 "serve": {"host": "127.0.0.1", "port": serve_port, "poll_interval_s": 2},
                 # One epoch on 96 images: the gate is tested elsewhere and must not refuse by chance.
-                "promotion": {"max_task_drop": 1.0, "min_zero_shot_retention": 0.0},
+                "promotion": {
+                    "max_task_drop": 1.0,
+                    "min_zero_shot_retention": 0.0,
+                    "require_learned": False,
+                    "require_new_task_gain": False,
+                },
                 "stack": {
                     "ports": ports,
                     "ray_temp_dir": str(ray_temp_dir),

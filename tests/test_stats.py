@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -144,12 +146,16 @@ def test_paper_covariance_is_the_unbiased_sample_covariance_plus_eps_identity(n)
         assert g.shrinkage == 0.0
     # The default ridge is the authors' 1e-7.
     default = GaussianAccumulator(8).update(x).finalize("paper")
-    np.testing.assert_allclose(default.cov.numpy(), np.cov(x.numpy(), rowvar=False) + 1e-7 * np.eye(8), rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(
+        default.cov.numpy(), np.cov(x.numpy(), rowvar=False) + 1e-7 * np.eye(8), rtol=1e-10, atol=1e-15
+    )
 
 
 def test_state_dict_of_another_precision_is_read_back_in_float64():
     x = unit_features(30, 5, seed=11)
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in GaussianAccumulator(5).update(x).state_dict().items()}
+    state = {
+        k: (v.float() if v.is_floating_point() else v) for k, v in GaussianAccumulator(5).update(x).state_dict().items()
+    }
     back = GaussianAccumulator.from_state_dict(state)
     assert back.count == 30 and isinstance(back.count, int)
     for t in (back.sum, back.outer, back.sum_sqnorm2, back.sum_sqnorm_y):
@@ -172,7 +178,9 @@ def test_scorer_three_product_whitening_of_a_task_chunk():
     from diki_model.stats import split_tf32
 
     d = 16
-    gaussians = [GaussianAccumulator(d).update(unit_features(80, d, seed=20 + s, shift=0.2 * s)).finalize() for s in range(4)]
+    gaussians = [
+        GaussianAccumulator(d).update(unit_features(80, d, seed=20 + s, shift=0.2 * s)).finalize() for s in range(4)
+    ]
     scorer = GaussianScorer(gaussians)
     x = unit_features(5, d, seed=30).float()
     ref = torch.einsum("tij,nj->tni", scorer.w[1:3].double(), x.double())
@@ -180,3 +188,77 @@ def test_scorer_three_product_whitening_of_a_task_chunk():
         z = scorer._whiten_3xtf32(1, 3, *split_tf32(x))
         assert z.shape == (2, 5, d)
         torch.testing.assert_close(z.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_degenerate_features_get_the_eps_ridge_and_no_nan():
+    same = torch.tensor([[1.0, 0.0, 0.0]] * 4, dtype=torch.float64)  # all images identical: S = 0 exactly
+    lw = GaussianAccumulator(3).update(same).finalize("ledoit_wolf", eps=1e-3)
+    torch.testing.assert_close(lw.cov, 1e-3 * torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-15)
+    assert lw.shrinkage == 0.0 and lw.cov.dtype == torch.float64
+    o = GaussianAccumulator(3).update(same).finalize("oas", eps=1e-3)
+    torch.testing.assert_close(o.cov, 1e-3 * torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-15)
+    assert o.shrinkage == 1.0  # sklearn's convention when its denominator is 0
+    torch.testing.assert_close(lw.mean, same[0])
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_oas_shrinkage_with_very_few_images_matches_sklearn(n):
+    x = unit_features(n, 12, seed=40 + n)
+    g = GaussianAccumulator(12).update(x).finalize("oas", eps=0.0)
+    ref, shrink = oas(x.numpy())
+    np.testing.assert_allclose(g.cov.numpy(), ref, rtol=1e-8, atol=1e-12)
+    assert g.shrinkage == pytest.approx(shrink, rel=1e-9) and g.shrinkage <= 1.0
+
+
+def test_the_fewest_images_each_estimate_needs():
+    x = unit_features(2, 4, seed=8)
+    one = GaussianAccumulator(4).update(x[:1])
+    torch.testing.assert_close(one.mean(), x[0])
+    torch.testing.assert_close(one.covariance_mle(), torch.zeros(4, 4, dtype=torch.float64), rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match=r"^need at least 2 feature vectors to fit a Gaussian, got 1$"):
+        one.finalize()
+    with pytest.raises(ValueError, match=r"^need at least 1 feature vectors to fit a Gaussian, got 0$"):
+        GaussianAccumulator(4).mean()
+    two = GaussianAccumulator(4).update(x)
+    for shrinkage in ("ledoit_wolf", "oas", "paper"):
+        assert torch.isfinite(two.finalize(shrinkage).cov).all()
+    want = np.cov(x.numpy(), rowvar=False) + 1e-7 * np.eye(4)
+    np.testing.assert_allclose(two.finalize("paper").cov.numpy(), want, rtol=1e-9, atol=1e-15)
+
+
+def test_score_stats_accumulate_over_updates_in_float64():
+    s = torch.randn(50, dtype=torch.float64)
+    a = ScoreStats().update(s[:10]).update(s[10:35]).update(s[35:])
+    assert a.count == 50
+    assert a.mean == pytest.approx(float(s.mean()), rel=1e-12) and a.std == pytest.approx(float(s.std()), rel=1e-10)
+    # float32 scores are summed in float64: 2^24 + 1 is not a float32 sum, but it is a float64 one.
+    big = torch.tensor([2.0**24, 1.0], dtype=torch.float32)
+    b = ScoreStats().update(big)
+    assert b.total == 2.0**24 + 1 and b.total_sq == 2.0**48 + 1
+    with pytest.raises(ValueError, match="^no held-out scores recorded$"):
+        _ = ScoreStats().mean
+    with pytest.raises(ValueError, match="^need at least 2 held-out scores for a standard deviation$"):
+        _ = ScoreStats().update(torch.ones(1)).std
+    assert ScoreStats().update(torch.full((4,), 3.0)).std == 0.0
+
+
+def test_scorer_keeps_whitening_in_its_dtype_and_constants_in_float64():
+    g = [GaussianAccumulator(4).update(unit_features(20, 4, seed=s)).finalize() for s in range(2)]
+    scorer = GaussianScorer(g)
+    assert scorer.w.dtype == scorer.b.dtype == torch.float32 and scorer.const.dtype == torch.float64
+    assert scorer.w.shape == (2, 4, 4) and scorer.b.shape == (2, 4) and scorer.const.shape == (2,)
+    assert (scorer.dim, scorer.num_tasks, scorer.task_chunk, scorer.use_split) == (4, 2, 64, True)
+    double = GaussianScorer(g, dtype=torch.float64)
+    assert double.w.dtype == double.b.dtype == torch.float64
+    for i, gi in enumerate(g):
+        logdet = float(torch.logdet(gi.cov))
+        assert float(double.const[i]) == pytest.approx(-0.5 * (logdet + 4 * math.log(2 * math.pi)), rel=1e-12)
+
+
+def test_oas_shrinkage_is_capped_at_one_like_sklearn():
+    # Nearly isotropic features: the OAS formula gives 2.8 here, and sklearn caps it at 1.
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    g = GaussianAccumulator(3).update(x).finalize("oas", eps=0.0)
+    ref, shrink = oas(x.numpy())
+    assert shrink == 1.0 and g.shrinkage == 1.0
+    np.testing.assert_allclose(g.cov.numpy(), ref, rtol=1e-10, atol=1e-14)

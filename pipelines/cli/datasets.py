@@ -31,7 +31,8 @@ def push(
     path: Annotated[
         Path,
         typer.Argument(
-            help="A dataset folder (manifest.json + train/ test/ Parquet) or an ImageFolder tree (train/<class>/*.png).",
+            help="A dataset folder (manifest.json + train/ test/ Parquet) or an ImageFolder tree "
+            "(train/<class>/*.png, test/<class>/...; a manifest.json beside them gives the name, classes and template).",
             exists=True,
             file_okay=False,
             dir_okay=True,
@@ -39,16 +40,25 @@ def push(
     ],
     name: Annotated[str, typer.Option("--name", "-n", help="Dataset name: the folder under incoming/.")],
     template: Annotated[
-        str, typer.Option("--template", help="Prompt template for an ImageFolder tree (one '{}').")
-    ] = "a photo of a {}.",
+        str | None,
+        typer.Option(
+            "--template",
+            help="Prompt template for an ImageFolder tree without manifest.json (one '{}'; default 'a photo of a {}.').",
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Upload a dataset to incoming/NAME/: every file first, the _SUCCESS marker last. The watcher learns it."""
-    from diki_model.data import DatasetError, convert_image_folder, read_manifest
+    """Upload a dataset to incoming/NAME/: every file first, the _SUCCESS marker last. The watcher learns it.
+
+    An ImageFolder tree is checked whole first (every problem named, with its file) and converted here.
+    """
+    from diki_model.data import DatasetError, read_manifest
     from pipelines.flows import mlflow_ui
+    from pipelines.imagefolder import check_image_folder, is_image_folder, write_image_folder
     from pipelines.learning import serve_url
     from pipelines.prefect_runtime import prefect_ui_url
     from services.storage import StorageError, open_storage, validate_dataset_name
+    from services.training.inputs import MAX_IMAGE_BYTES, MIN_IMAGES_PER_CLASS, MIN_TRAIN_IMAGES
 
     try:
         validate_dataset_name(name)
@@ -58,7 +68,33 @@ def push(
     storage = open_storage(settings)
     dst = f"{settings.storage.incoming_prefix}/{name}"
     with tempfile.TemporaryDirectory(prefix="diki-push-") as tmp:
-        if (path / "manifest.json").is_file():
+        if is_image_folder(path):
+            # Class folders under train/ (with or without a manifest.json beside them): checked whole, converted.
+            check = check_image_folder(
+                path,
+                name,
+                template,
+                min_images_per_class=MIN_IMAGES_PER_CLASS,
+                min_train_images=MIN_TRAIN_IMAGES,
+                max_image_bytes=MAX_IMAGE_BYTES,
+                workers=settings.train.workers,
+            )
+            if not check.ok:
+                typer.secho(f"error: {path} cannot be pushed: {len(check.problems)} problem(s)", fg="red", err=True)
+                for problem in check.problems:
+                    typer.echo(f"  {problem}", err=True)
+                typer.echo("Nothing was uploaded. Fix them and push again.", err=True)
+                raise typer.Exit(2)
+            for note in check.notes:
+                typer.echo(f"note: {note}")
+            src = Path(tmp) / name
+            manifest = write_image_folder(check, src)
+            kind = (
+                "ImageFolder tree with manifest.json, converted"
+                if check.from_manifest
+                else "ImageFolder tree, converted"
+            )
+        elif (path / "manifest.json").is_file():
             src, kind = path, "dataset"
             try:
                 manifest = read_manifest(path)
@@ -66,12 +102,10 @@ def push(
                 raise _fail(f"{path}: {exc}", 2) from None
             if manifest.name != name:
                 typer.echo(f"note: the task will be named {manifest.name!r} (manifest.json), the drop {name!r}")
+            if template is not None:
+                typer.echo("note: --template applies to ImageFolder trees; this dataset's template is in manifest.json")
         elif (path / "train").is_dir():
-            src, kind = Path(tmp) / name, "ImageFolder tree, converted"
-            try:
-                manifest = convert_image_folder(path, src, name, template)
-            except DatasetError as exc:
-                raise _fail(f"{path}: {exc}", 2) from None
+            raise _fail(f"{path}/train holds neither Parquet shards nor class folders (train/<class>/*.png)", 2)
         else:
             raise _fail(f"{path} holds neither manifest.json (a dataset) nor train/<class>/ (an ImageFolder tree)", 2)
         try:

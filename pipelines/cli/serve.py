@@ -109,6 +109,12 @@ def serve_command(
                 typer.echo(f"ready: {ready['message']}")
             except ServingError as exc:
                 typer.secho(f"warning: {exc}", fg=typer.colors.YELLOW, err=True)
+        if settings.serve.admin_open:
+            typer.secho("warning: serve.admin_open: the admin routes answer without a key", fg="yellow", err=True)
+        elif settings.serve.admin_key is None:
+            from services.serving.keys import admin_key_path
+
+            typer.echo(f"admin routes (/v1/admin/reload): key in {admin_key_path(settings)} (header X-Admin-Key)")
         typer.echo("serving; press Ctrl-C to stop")
         while not stop.wait(1.0):
             pass

@@ -75,6 +75,9 @@ def up(config: ConfigOption = None) -> None:
     _console.print(
         f"Point the CLI at it with: [bold]set -a; . {result.env_file}; set +a[/bold] (the file holds credentials)"
     )
+    from services.serving.keys import admin_key_path
+
+    _console.print(f"The Serve admin key (X-Admin-Key, for /v1/admin/reload) is in {admin_key_path(stack.settings)}")
 
 
 @stack_app.command()

@@ -40,7 +40,7 @@ def train(
     from rich.console import Console
     from rich.table import Table
 
-    from pipelines.learning import CURRENT, LearningBusyError, learn_dataset
+    from pipelines.learning import CURRENT, LearningBusyError, TaskNotLearnedError, learn_dataset
     from services.registry import RegistryError
     from services.training import TrainingError, TrainingInputError
 
@@ -61,6 +61,8 @@ def train(
         raise _fail(str(exc), 2) from None
     except LearningBusyError as exc:
         raise _fail(f"{exc} (waited {wait:.0f} s)", 3) from None
+    except TaskNotLearnedError as exc:
+        raise _fail(str(exc), 4) from None
     except (TrainingError, RegistryError) as exc:
         raise _fail(str(exc)) from None
     if outcome.reused:

@@ -21,6 +21,7 @@ batch-invariant. The model runs on the event loop itself (see ``_batched``).
 """
 
 import asyncio
+import concurrent.futures
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -42,9 +43,18 @@ from services.serving.bundles import (
     describe_error,
 )
 from services.serving.config import HIGH_THROUGHPUT_ENV, AppArgs, ReplicaConfig, replica_config
+from services.serving.memory import MemoryReleaser
 from services.serving.metrics import CONTENT_TYPE_LATEST, MetricsMiddleware, ServingMetrics
 from services.serving.metrics import set_current as set_current_metrics
-from services.serving.requests import API_KEY_HEADER, ApiError, Item, RequestReader, body_schema, validation_error
+from services.serving.requests import (
+    ADMIN_KEY_HEADER,
+    API_KEY_HEADER,
+    ApiError,
+    Item,
+    RequestReader,
+    body_schema,
+    validation_error,
+)
 from services.serving.schemas import (
     BatchRequest,
     BatchResponse,
@@ -101,7 +111,11 @@ async def _request_validation(_: Request, err: RequestValidationError) -> JSONRe
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed"}
-    return ApiError(err.status_code, codes.get(err.status_code, "http_error"), str(err.detail)).response()
+    # Starlette's own headers go along: a 405 carries Allow (RFC 9110), naming the route's methods.
+    headers = dict(err.headers or {})
+    return ApiError(
+        err.status_code, codes.get(err.status_code, "http_error"), str(err.detail), headers=headers
+    ).response()
 
 
 api.add_middleware(MetricsMiddleware)
@@ -118,7 +132,10 @@ def _openapi() -> dict[str, Any]:
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body
-        schema["components"]["securitySchemes"] = {"ApiKey": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER}}
+        schema["components"]["securitySchemes"] = {
+            "ApiKey": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER},
+            "AdminKey": {"type": "apiKey", "in": "header", "name": ADMIN_KEY_HEADER},
+        }
         api.openapi_schema = schema
     return api.openapi_schema
 
@@ -159,6 +176,11 @@ class DikiClassifier:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(1, self.cfg.registry_timeout_s))))
         self.reader = RequestReader(self.cfg)
         self.metrics = ServingMetrics()
+        self.memory = MemoryReleaser()
+        # Admin calls run on a thread of their own, one at a time (a second one is answered 429):
+        # a slow registry can never take the threads that decode the classify requests' images.
+        self._admin_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="diki-admin")
+        self._reloading: asyncio.Future | None = None
         set_current_metrics(self.metrics)
         self._batched.set_max_batch_size(self.cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -192,13 +214,21 @@ class DikiClassifier:
         bundles = getattr(self, "bundles", None)
         if bundles is not None:
             bundles.stop()
+        pool = getattr(self, "_admin_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     async def _classify(self, request: Request, batch: bool) -> tuple[list[ClassifyResponse], int | None]:
         self.reader.check_key(request)
-        raw = await self.reader.read(request, batch)
-        state = self.bundles.current  # the snapshot that answers every image of this request
-        self.reader.validate(raw, state)
-        items = await self.reader.prepare(raw, state)
+        try:
+            raw = await self.reader.read(request, batch)
+            state = self.bundles.current  # the snapshot that answers every image of this request
+            self.reader.validate(raw, state)
+            items = await self.reader.prepare(raw, state)
+            del raw
+        finally:
+            # A large body (answered or refused) leaves freed chunks in the allocator: give them back.
+            self.memory.after_request(getattr(request.state, "body_bytes", 0))
         outcomes = await asyncio.gather(*(self._batched(item) for item in items))
         for outcome in outcomes:
             if isinstance(outcome, _Failure):
@@ -293,13 +323,29 @@ class DikiClassifier:
     @api.post(
         "/v1/admin/reload",
         response_model=ReloadResponse,
-        responses={401: _ERRORS[401], 503: {"model": ErrorResponse, "description": "Registry unreachable"}},
-        summary="Load the bundle the registry alias names now",
+        responses={
+            401: {"model": ErrorResponse, "description": "Missing or wrong admin key (header X-Admin-Key)"},
+            403: {"model": ErrorResponse, "description": "The server has no admin key: admin routes closed"},
+            429: {"model": ErrorResponse, "description": "A reload is already running on this replica"},
+            502: {"model": ErrorResponse, "description": "The bundle could not be loaded"},
+            503: {"model": ErrorResponse, "description": "Registry unreachable"},
+        },
+        summary="Load the bundle the registry alias names now (admin key required)",
+        openapi_extra={"security": [{"AdminKey": []}]},
     )
     async def reload(self, request: Request) -> ReloadResponse:
-        self.reader.check_key(request)
+        self.reader.check_admin(request)
+        if self._reloading is not None and not self._reloading.done():
+            raise ApiError(
+                429,
+                "reload_in_progress",
+                "a reload is already running on this replica; it answers when the new bundle is switched in",
+                headers={"Retry-After": "1"},
+            )
+        self._reloading = asyncio.get_running_loop().run_in_executor(self._admin_pool, self.bundles.refresh)
         try:
-            return await asyncio.to_thread(self.bundles.refresh)
+            # Shielded: a client that goes away does not cancel the reload (it finishes on its thread).
+            return await asyncio.shield(self._reloading)
         except RegistryUnavailable as err:
             served = self.bundles.current.version
             raise ApiError(503, "registry_unavailable", f"{err}; still serving version {served}") from None

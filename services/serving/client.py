@@ -1,8 +1,14 @@
 """A small HTTP client of the serving API, used by ``diki predict``, the demo and the pipeline's reload call.
 
 Transient failures (connection refused or reset, timeouts, 500/502/503/504 while a replica is
-replaced) are retried with exponential backoff until ``retry_for_s`` has passed; 4xx answers are
-never retried and raise :class:`ServingError` with the server's code and message.
+replaced, 429 while the replica is busy with another reload) are retried with exponential backoff
+until ``retry_for_s`` has passed; other 4xx answers are never retried and raise
+:class:`ServingError` with the server's code and message.
+
+Keys: ``api_key`` goes with every call (the classify routes need it when the server has one); the
+admin key goes with admin calls only (``reload``). ``ServingClient(url, serving_keys(settings))``
+finds both from the settings (the admin key file that ``diki serve`` creates, see
+:mod:`services.serving.keys`).
 """
 
 from __future__ import annotations
@@ -11,15 +17,20 @@ import base64
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
-__all__ = ["DEFAULT_URL", "ServingClient", "ServingError"]
+from services.serving.keys import ADMIN_KEY_HEADER, ServingKeys, serving_keys
+
+if TYPE_CHECKING:
+    from services.settings import Settings
+
+__all__ = ["DEFAULT_URL", "ServingClient", "ServingError", "ServingKeys", "serving_keys"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 API_KEY_HEADER = "X-API-Key"
-RETRY_STATUSES = frozenset({500, 502, 503, 504})
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 ImageInput = bytes | str | Path
 
 
@@ -47,18 +58,30 @@ class ServingClient:
     def __init__(
         self,
         url: str = DEFAULT_URL,
-        api_key: str | None = None,
+        api_key: str | ServingKeys | None = None,
         timeout_s: float = 30.0,
         retry_for_s: float = 30.0,
         backoff_s: float = 0.2,
         transport: httpx.BaseTransport | None = None,
+        admin_key: str | None = None,
     ) -> None:
+        """``api_key``: the classify routes' key, or a :class:`ServingKeys` with both keys
+        (``serving_keys(settings)``); ``admin_key``: the admin routes' key (wins over the one in ``api_key``)."""
+        if isinstance(api_key, ServingKeys):
+            admin_key = admin_key or api_key.admin_key
+            api_key = api_key.api_key
         self.url = url.rstrip("/")
         self.retry_for_s = retry_for_s
         self.backoff_s = backoff_s
+        self._admin_headers = {ADMIN_KEY_HEADER: admin_key} if admin_key else {}
         headers = {API_KEY_HEADER: api_key} if api_key else {}
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers, transport=transport)
         self.retries = 0  # transient failures retried so far (for tests and diagnostics)
+
+    @staticmethod
+    def keys_for(settings: Settings) -> ServingKeys:
+        """Both keys of the endpoint ``settings`` describe (:func:`services.serving.keys.serving_keys`)."""
+        return serving_keys(settings)
 
     def __enter__(self) -> ServingClient:
         return self
@@ -75,18 +98,21 @@ class ServingClient:
         deadline = time.monotonic() + (self.retry_for_s if retry else 0.0)
         delay = self.backoff_s
         while True:
+            wait = delay
             try:
                 response = self._http.request(method, path, **kwargs)
             except httpx.TransportError as err:
                 if time.monotonic() + delay > deadline:
                     raise ServingError(f"{method} {self.url}{path}: cannot reach the server ({err!r})") from None
             else:
-                if response.status_code not in RETRY_STATUSES or time.monotonic() + delay > deadline:
+                if response.status_code == 429:  # busy with another reload: wait as long as the server says
+                    wait = max(delay, _retry_after(response))
+                if response.status_code not in RETRY_STATUSES or time.monotonic() + wait > deadline:
                     if response.is_error:
                         raise _error(method, self.url + path, response)
                     return response
             self.retries += 1
-            time.sleep(delay)
+            time.sleep(wait)
             delay = min(delay * 2, 2.0)
 
     # ------------------------------------------------------------------ API
@@ -133,8 +159,8 @@ class ServingClient:
         return self.request("GET", "/metrics").text
 
     def reload(self) -> dict[str, Any]:
-        """Ask a replica to load the bundle the registry alias names now (waits for the switch)."""
-        return self.request("POST", "/v1/admin/reload").json()
+        """Ask a replica to load the bundle the registry alias names now (waits for the switch); needs the admin key."""
+        return self.request("POST", "/v1/admin/reload", headers=self._admin_headers).json()
 
     def wait_ready(self, timeout_s: float = 120.0, version: int | None = None) -> dict[str, Any]:
         """Poll ``/readyz`` until the server is ready (and serves ``version`` when given)."""
@@ -164,6 +190,13 @@ def _options(labels: Sequence[str] | None, task: str | None, top_k: int, templat
     if template is not None:
         body["template"] = template
     return body
+
+
+def _retry_after(response: httpx.Response) -> float:
+    try:
+        return min(max(float(response.headers.get("retry-after", "0")), 0.0), 10.0)
+    except ValueError:
+        return 0.0
 
 
 def _error(method: str, url: str, response: httpx.Response) -> ServingError:

@@ -7,7 +7,8 @@
 3. :class:`ReplicaConfig`: everything a replica needs, resolved from the two, plus the Serve
    deployment options (:func:`replica_config`). It travels to the replicas and holds no secret:
    the settings without their secret fields (each replica's own environment supplies them) and the
-   API key only as a hash.
+   API key and the admin key only as hashes (:mod:`services.serving.keys` says where the admin key
+   comes from; building the app creates its key file when there is none).
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ class ReplicaConfig(BaseModel):
     registry_timeout_s: float
     warmup: bool
     api_key_sha256: str | None
+    # The admin routes' key, as a hash (None with admin_open, or when no key could be made: then a
+    # replica looks for serve.admin_key in its own environment, else the admin routes stay closed).
+    admin_key_sha256: str | None = None
+    admin_open: bool = False
+    max_request_bytes: int = 32 * 1024 * 1024
 
 
 def _is_secret(field: Any) -> bool:
@@ -117,10 +123,12 @@ def hash_key(key: str) -> str:
 
 def replica_config(args: AppArgs) -> tuple[ReplicaConfig, dict[str, Any]]:
     """Resolve ``args`` against the settings: the replica's config and the deployment options."""
+    from services.serving.keys import ensure_admin_key
     from services.settings import Settings, get_settings
 
     settings = Settings.load(args.config, **args.settings) if (args.config or args.settings) else get_settings()
     s = settings.serve
+    admin_key = None if s.admin_open else ensure_admin_key(settings)
     max_batch = args.max_batch_size or s.max_batch_size
     num_gpus = args.num_gpus
     device = args.device or ("cuda" if num_gpus > 0 else "cpu")
@@ -148,6 +156,9 @@ def replica_config(args: AppArgs) -> tuple[ReplicaConfig, dict[str, Any]]:
         registry_timeout_s=args.registry_timeout_s,
         warmup=args.warmup,
         api_key_sha256=hash_key(key) if key else None,
+        admin_key_sha256=hash_key(admin_key) if admin_key else None,
+        admin_open=s.admin_open,
+        max_request_bytes=s.max_request_bytes,
     )
     actor: dict[str, Any] = {"num_cpus": args.num_cpus or s.num_cpus}
     if num_gpus:

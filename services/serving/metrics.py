@@ -10,7 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "MetricsMiddleware", "ServingMetrics", "current", "set_current"]
@@ -73,6 +73,16 @@ class ServingMetrics:
         self.last_reload = Gauge(
             "diki_bundle_loaded_timestamp_seconds", "Unix time the served bundle was switched in", registry=r
         )
+        # process_resident_memory_bytes, process_cpu_seconds_total, ...: the replica's own process.
+        ProcessCollector(registry=r)
+        # Resident memory counts the pages of Ray's shared object store a replica has touched (request
+        # bodies travel through it); the process's own memory is the anonymous part.
+        self.anonymous_memory = Gauge(
+            "diki_process_anonymous_memory_bytes",
+            "Resident anonymous (private) memory of the replica process, without shared object-store pages",
+            registry=r,
+        )
+        self.anonymous_memory.set_function(_anonymous_memory)
         self._recent: deque[bool] = deque(maxlen=ood_window)
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
@@ -103,6 +113,17 @@ class ServingMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _anonymous_memory() -> float:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 # The metrics of the replica living in this process (a Serve replica has a process of its own).

@@ -29,6 +29,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from services.serving.bundles import ServedModel
 from services.serving.config import ReplicaConfig, hash_key
 from services.serving.images import ImageInputError, decode_image, is_small
+from services.serving.keys import ADMIN_KEY_HEADER
 from services.serving.schemas import (
     MAX_LABEL_CHARS,
     MAX_TEMPLATE_CHARS,
@@ -38,6 +39,7 @@ from services.serving.schemas import (
 )
 
 __all__ = [
+    "ADMIN_KEY_HEADER",
     "API_KEY_HEADER",
     "JSON_TYPE",
     "MULTIPART_TYPE",
@@ -65,14 +67,24 @@ INLINE_DECODE_PIXELS = 256 * 256
 class ApiError(Exception):
     """An answer other than success, with a stable code and a message saying what and where."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.field = status, code, message, field
+        self.headers = dict(headers or {})
 
     def response(self) -> JSONResponse:
         body = {"error": {"code": self.code, "message": self.message, "field": self.field}}
-        headers = {"WWW-Authenticate": f'ApiKey header="{API_KEY_HEADER}"'} if self.status == 401 else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
+        headers = dict(self.headers)
+        if self.status == 401:
+            headers.setdefault("WWW-Authenticate", f'ApiKey header="{API_KEY_HEADER}"')
+        return JSONResponse(body, status_code=self.status, headers=headers or None)
 
 
 def _loc(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -169,6 +181,28 @@ def expected_key_hash(cfg: ReplicaConfig) -> str | None:
     return cfg.api_key_sha256
 
 
+def expected_admin_hash(cfg: ReplicaConfig) -> str | None:
+    """The admin key's hash from the driver, else ``serve.admin_key`` of this replica's own environment."""
+    if cfg.admin_key_sha256 is None and not cfg.admin_open:
+        from services.settings import Settings
+
+        key = Settings.load(**cfg.settings).serve.admin_key
+        value = key.get_secret_value() if key is not None else ""
+        return hash_key(value) if value else None
+    return cfg.admin_key_sha256
+
+
+def _given_key(request: Request, *headers: str) -> str | None:
+    for header in headers:
+        value = request.headers.get(header)
+        if value:
+            return value
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip() or None
+    return None
+
+
 # ------------------------------------------------------------------------------------------ reader
 class RequestReader:
     """Checks, reads and prepares the requests of one replica, within its configured limits."""
@@ -176,6 +210,7 @@ class RequestReader:
     def __init__(self, cfg: ReplicaConfig) -> None:
         self.cfg = cfg
         self._key_hash = expected_key_hash(cfg)
+        self._admin_hash = expected_admin_hash(cfg)
 
     # ---------------------------------------------------------------------------- auth
     def check_key(self, request: Request) -> None:
@@ -183,15 +218,41 @@ class RequestReader:
         expected = self._key_hash
         if expected is None:
             return
-        given = request.headers.get(API_KEY_HEADER)
-        if given is None:
-            auth = request.headers.get("authorization", "")
-            if auth.lower().startswith("bearer "):
-                given = auth[7:].strip()
+        given = _given_key(request, API_KEY_HEADER)
         if not given:
             raise ApiError(401, "missing_api_key", f"this server needs an API key in the {API_KEY_HEADER} header")
         if not hmac.compare_digest(hash_key(given), expected):
             raise ApiError(401, "invalid_api_key", f"the {API_KEY_HEADER} header does not hold a valid key")
+
+    def check_admin(self, request: Request) -> None:
+        """Refuse an admin call without the admin key (401), or every admin call when there is no key (403).
+
+        The key is read from ``X-Admin-Key``, else ``X-API-Key``, else a bearer token. Open only with
+        ``serve.admin_open`` (development).
+        """
+        if self.cfg.admin_open:
+            return
+        expected = self._admin_hash
+        if expected is None:
+            raise ApiError(
+                403,
+                "admin_disabled",
+                "the admin routes are closed: this server has no admin key (set serve.admin_key, or let "
+                "`diki serve` create its key file)",
+            )
+        challenge = {"WWW-Authenticate": f'ApiKey header="{ADMIN_KEY_HEADER}"'}
+        given = _given_key(request, ADMIN_KEY_HEADER, API_KEY_HEADER)
+        if not given:
+            raise ApiError(
+                401,
+                "missing_api_key",
+                f"this route needs the admin key in the {ADMIN_KEY_HEADER} header",
+                headers=challenge,
+            )
+        if not hmac.compare_digest(hash_key(given), expected):
+            raise ApiError(
+                401, "invalid_api_key", f"the {ADMIN_KEY_HEADER} header does not hold the admin key", headers=challenge
+            )
 
     # ---------------------------------------------------------------------------- body
     def _body_limit(self, images: int) -> int:
@@ -199,8 +260,14 @@ class RequestReader:
         per_options = self.cfg.max_labels * (MAX_LABEL_CHARS * 4 + 8) + MAX_TEMPLATE_CHARS * 4 + 4096
         return images * (per_image + per_options) + 65536
 
+    def body_limit(self, images: int) -> int:
+        """The most bytes a body with ``images`` images may hold: what they and their options need, at most
+        ``serve.max_request_bytes``."""
+        return min(self._body_limit(images), self.cfg.max_request_bytes)
+
     async def _read_body(self, request: Request, images: int) -> bytes:
-        limit = self._body_limit(images)
+        """The body, refused (413) from its Content-Length, else as soon as the bytes read pass the limit."""
+        limit = self.body_limit(images)
         declared = request.headers.get("content-length")
         if declared is not None:
             try:
@@ -211,15 +278,19 @@ class RequestReader:
                 raise ApiError(
                     413, "body_too_large", f"the request body has {size} bytes, more than the limit of {limit}"
                 )
-        chunks, total = [], 0
+        chunks: list[bytes] = []
+        total = 0
         async for chunk in request.stream():
             total += len(chunk)
+            request.state.body_bytes = total  # the app frees memory after large bodies (see app.py)
             if total > limit:
+                chunks.clear()  # not kept alive by the exception's traceback until the next garbage collection
                 raise ApiError(413, "body_too_large", f"the request body is larger than the limit of {limit} bytes")
             chunks.append(chunk)
-        body = b"".join(chunks)
-        if not body:
+        if not total:
             raise ApiError(400, "empty_body", "the request body is empty: send an image (JSON or multipart)")
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()  # one copy of the body from here on
         return body
 
     async def read(self, request: Request, batch: bool) -> list[RawItem]:

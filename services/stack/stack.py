@@ -24,6 +24,7 @@ from services.stack.supervisor import HOST, ServiceSpec, ServiceStatus, StackErr
 __all__ = ["Stack", "UpResult"]
 
 _ENV_FILE: Final = "stack.env"
+_RAY_TOKEN_FILE: Final = "ray-auth-token"
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Stack:
         self.logs_dir = self.home / "logs"
         self.run_dir = self.home / "run"
         self.env_file = self.home / _ENV_FILE
+        self.ray_token_file = self.home / _RAY_TOKEN_FILE
         self._extra = list(extra_services)
         self.supervisor = Supervisor(
             self.home,
@@ -65,6 +67,8 @@ class Stack:
             start_timeout_s=settings.stack.start_timeout_s,
             stop_timeout_s=settings.stack.stop_timeout_s,
             stop_last=CORE_SERVICES,
+            log_max_bytes=settings.stack.log_max_bytes,
+            log_backups=settings.stack.log_backups,
         )
 
     # -- public ----------------------------------------------------------------------------------
@@ -73,7 +77,7 @@ class Stack:
         """The variables that point a client (the CLI, flows, Serve) at this stack, credentials included."""
         ports = self.settings.stack.ports
         access_key, secret_key = self._credentials(create=create_credentials)
-        return {
+        env = {
             "AWS_ACCESS_KEY_ID": access_key,
             "AWS_SECRET_ACCESS_KEY": secret_key,
             "AWS_ENDPOINT_URL": f"http://{HOST}:{ports.s3}",
@@ -83,6 +87,10 @@ class Stack:
             "PREFECT_API_URL": f"http://{HOST}:{ports.prefect}/api",
             "RAY_ADDRESS": f"{HOST}:{ports.ray}",
         }
+        if self.settings.stack.ray_token_auth and self._ray_token(create=create_credentials):
+            # Ray reads the token from this file (never from a command line); clients need both.
+            env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.ray_token_file)})
+        return env
 
     def context(self, *, create_credentials: bool = False) -> StackContext:
         return StackContext(
@@ -121,6 +129,11 @@ class Stack:
         with self.supervisor.lock():
             specs = self.services(create_credentials=True)
             self._write_env_file()
+            # The admin key of the Serve application (services.serving.keys): made here, before `serve`
+            # starts, so the CLI and the watcher of this home find it.
+            from services.serving.keys import ensure_admin_key
+
+            ensure_admin_key(self.settings)
             started, running = self.supervisor.up(specs, say)
         return UpResult(started=started, already_running=running, env_file=self.env_file)
 
@@ -154,6 +167,18 @@ class Stack:
             self.env_file, _format_env({"AWS_ACCESS_KEY_ID": generated[0], "AWS_SECRET_ACCESS_KEY": generated[1]})
         )
         return generated
+
+    def _ray_token(self, *, create: bool) -> str | None:
+        """The Ray head's authentication token (``stack.ray_token_auth``), kept owner-only in the stack home."""
+        try:
+            token = self.ray_token_file.read_text(encoding="utf-8").strip()
+        except OSError:
+            token = ""
+        if token or not create:
+            return token or None
+        token = secrets.token_hex(32)
+        write_private(self.ray_token_file, token + "\n")
+        return token
 
     def _write_env_file(self) -> None:
         write_private(self.env_file, _format_env(self.client_env()))

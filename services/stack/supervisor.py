@@ -3,9 +3,10 @@
 Nothing here knows which servers it runs; :mod:`services.stack.recipes` says how each one is
 started and :class:`services.stack.stack.Stack` puts them together. A service is a
 :class:`ServiceSpec` (argv, environment, ports, health check, services to wait for). The
-:class:`Supervisor` runs each one in a session of its own, its output in ``<logs>/<name>.log``, and
-records it in ``<run>/<name>.pid``: its pid with the process's start time (a reused pid is not
-taken for the service), its ports and its stop timeout. Stopping sends SIGTERM, then SIGKILL after
+:class:`Supervisor` runs each one in a session of its own, its output in ``<logs>/<name>.log``
+(through :mod:`~services.stack.logpipe`, which rotates the file at a size cap, keeping a few older
+ones as ``<name>.log.1``, ...), and records it in ``<run>/<name>.pid``: its pid with the process's
+start time (a reused pid is not taken for the service), its ports and its stop timeout. Stopping sends SIGTERM, then SIGKILL after
 the timeout, then clears whatever the service left in its session.
 """
 
@@ -49,6 +50,7 @@ _NAME_RE: Final = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 _PORT_FREE_TIMEOUT_S: Final = 15.0
 _GROUP_EXIT_TIMEOUT_S: Final = 10.0
 _LOG_TAIL_LINES: Final = 25
+_LOGPIPE: Final = Path(__file__).with_name("logpipe.py")
 
 
 class StackError(RuntimeError):
@@ -188,6 +190,7 @@ class Supervisor:
         start_timeout_s / stop_timeout_s: defaults for services that set none.
         stop_last: names of services stopped after all others, together (servers the others use).
         host: the address services listen on (shown in messages).
+        log_max_bytes / log_backups: each log file is rotated at this size, keeping this many older ones.
     """
 
     def __init__(
@@ -201,6 +204,8 @@ class Supervisor:
         stop_timeout_s: float,
         stop_last: Sequence[str] = (),
         host: str = HOST,
+        log_max_bytes: int = 10 * 1024 * 1024,
+        log_backups: int = 3,
     ) -> None:
         self.home = home
         self.data_dir = data_dir
@@ -210,7 +215,10 @@ class Supervisor:
         self.stop_timeout_s = stop_timeout_s
         self.stop_last = tuple(stop_last)
         self.host = host
+        self.log_max_bytes = log_max_bytes
+        self.log_backups = log_backups
         self._lock_guard = threading.RLock()
+        self._loggers: list[subprocess.Popen[bytes]] = []  # log pipes started here (reaped when they end)
         self._lock_depth = 0
         self._lock_file: IO[str] | None = None
 
@@ -296,6 +304,12 @@ class Supervisor:
                     with ThreadPoolExecutor(max_workers=len(wave)) as pool:
                         list(pool.map(lambda r: self._stop(r, say), wave))
             stopped = [r.name for r in records]
+            for logger in self._loggers:  # the log pipes this process started end with their services
+                try:
+                    logger.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._loggers = [logger for logger in self._loggers if logger.poll() is None]
             busy = wait_ports_free([p for r in records for p in r.ports], _PORT_FREE_TIMEOUT_S)
             if busy:
                 raise StackError(f"stopped the stack but ports {busy} are still in use")
@@ -347,6 +361,7 @@ class Supervisor:
         return record if record is not None and record.alive() else None
 
     def log_tail(self, name: str) -> str:
+        time.sleep(0.2)  # the log pipe writes what the service printed last
         try:
             lines = self.log(name).read_text(encoding="utf-8", errors="replace").splitlines()
         except OSError:
@@ -398,22 +413,41 @@ class Supervisor:
         env.update(spec.env)
         cwd = spec.cwd or self.data_dir
         cwd.mkdir(parents=True, exist_ok=True)
-        with self.log(spec.name).open("ab") as log:
-            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {spec.name}\n".encode())
-            log.flush()
+        log = self.log(spec.name)
+        # The service writes into a pipe; the log pipe (a session of its own, so stopping the service
+        # does not stop it before the last lines) appends to the file and rotates it at the size cap.
+        read_end, write_end = os.pipe()
+        try:
+            os.set_inheritable(read_end, True)
+            logger = subprocess.Popen(
+                [sys.executable, str(_LOGPIPE), str(log), str(self.log_max_bytes), str(self.log_backups)],
+                stdin=read_end,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
+            )
+            os.close(read_end)
+            read_end = -1
+            os.write(write_end, f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {spec.name}\n".encode())
             try:
                 proc = subprocess.Popen(
                     list(spec.command),
                     env=env,
                     cwd=cwd,
                     stdin=subprocess.DEVNULL,
-                    stdout=log,
+                    stdout=write_end,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     close_fds=True,
                 )
             except OSError as exc:
                 raise StackError(f"cannot start {spec.name} ({spec.command[0]}): {exc.strerror or exc}") from None
+        finally:
+            if read_end >= 0:
+                os.close(read_end)
+            os.close(write_end)  # the service holds the only write end now: its exit ends the log pipe
+        self._loggers.append(logger)
         _Record(
             name=spec.name,
             pid=proc.pid,

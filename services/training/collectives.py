@@ -6,7 +6,7 @@ import torch
 
 from diki_model import TaskStatistics
 
-__all__ = ["all_gather_statistics", "all_reduce_int", "all_reduce_mean"]
+__all__ = ["all_gather_rows", "all_gather_statistics", "all_reduce_int", "all_reduce_mean", "all_reduce_sum"]
 
 
 def collective_device() -> torch.device:
@@ -64,3 +64,29 @@ def all_gather_statistics(local: TaskStatistics, world: int) -> TaskStatistics:
     for rank in range(1, world):
         merged.merge(TaskStatistics.from_state_dict(gathered[rank]))
     return merged
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    x = t.detach().to(collective_device()).clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x.to(t.device)
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every worker's rows of ``t`` (their counts may differ), concatenated in rank order, on every worker."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    dev = collective_device()
+    local = t.to(dev).contiguous()
+    size = torch.tensor([local.shape[0]], dtype=torch.int64, device=dev)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = max(int(s.item()) for s in sizes)
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=dev)
+    padded[: local.shape[0]] = local
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(n.item())] for p, n in zip(parts, sizes, strict=True)]).to(t.device)

@@ -202,6 +202,7 @@ def run_training_job(
         steps_per_epoch=int(summary["steps_per_epoch"]),
         batch_per_worker=int(summary["batch_per_worker"]),
         epoch_marks=list(summary.get("epoch_marks", [])),
+        learnability=summary.get("learnability"),
         timings={
             "to_worker": float(summary["worker_start_unix"]) - t0,
             "stats": float(summary["stats_seconds"]),

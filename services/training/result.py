@@ -45,6 +45,8 @@ class TrainJobResult:
     steps_per_epoch: int = 0  # equal on every worker
     batch_per_worker: int = 0
     timings: dict[str, float] = field(default_factory=dict)  # seconds: to_worker, stats, to_first_step, train, finish
+    # The task's validation accuracies: with its branch, zero-shot, linear probe (diki_model.Learnability).
+    learnability: dict[str, Any] | None = None
     # Per epoch of the last attempt: wall and process-CPU seconds since its training started, checkpoint included.
     epoch_marks: list[dict[str, float]] = field(default_factory=list)
 

@@ -32,14 +32,18 @@ import torch
 from diki_model import (
     DikiConfig,
     EpochResult,
+    Learnability,
     TaskStatistics,
     TrainConfig,
     TrainState,
     apply_statistics,
     collect_statistics,
     extend_bundle,
+    frozen_features,
+    linear_probe_accuracy,
     load_bundle,
     read_bundle_manifest,
+    task_counts,
     train_task,
 )
 from diki_model.data import DatasetError, decode_image, iter_records, list_shards
@@ -47,7 +51,13 @@ from services.backbone import create_model
 from services.settings import Settings
 from services.storage import dataset_location
 from services.training.checkpoint import BUNDLE_DIR, RESULT_JSON, read_checkpoint, write_checkpoint
-from services.training.collectives import all_gather_statistics, all_reduce_int, all_reduce_mean
+from services.training.collectives import (
+    all_gather_rows,
+    all_gather_statistics,
+    all_reduce_int,
+    all_reduce_mean,
+    all_reduce_sum,
+)
 
 __all__ = ["EpochHook", "JobSpec", "WorkerData", "train_loop"]
 
@@ -223,12 +233,20 @@ class WorkerData:
             yield from (buffer[i] for i in perm)
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        yield from self._part_batches("val")
+
+    def train_eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The training part once, in order (for frozen features, not for training)."""
+        yield from self._part_batches("train")
+
+    def _part_batches(self, part: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.cache is not None:
-            x, y = self.cache["val"]
+            x, y = self.cache[part]
             for s in range(0, len(y), 256):
                 yield x[s : s + 256], y[s : s + 256]
             return
-        yield from _batched(((x, y) for is_val, x, y in self.records() if is_val), 256)
+        want_val = part == "val"
+        yield from _batched(((x, y) for is_val, x, y in self.records() if is_val == want_val), 256)
 
 
 def _batched(
@@ -245,6 +263,34 @@ def _batched(
             xs, ys = [], []
     if xs and not whole:
         yield torch.stack(xs), torch.tensor(ys)
+
+
+def _measure_learnability(model: Any, task: int, data: WorkerData, world: int) -> dict[str, Any] | None:
+    """The task's validation accuracy with its branch, zero-shot, and for a linear probe (rank 0 fits it).
+
+    Counts are summed over workers; the frozen features of every worker's part are gathered on
+    rank 0, in rank order, for the probe.
+    """
+    branch = task_counts(model, task, data.val_batches(), gate=1.0)
+    zero_shot = task_counts(model, task, data.val_batches(), gate=0.0)
+    train_x, train_y = frozen_features(model, data.train_eval_batches())
+    val_x, val_y = frozen_features(model, data.val_batches())
+    if world > 1:
+        branch = all_reduce_sum(branch)
+        zero_shot = all_reduce_sum(zero_shot)
+        train_x, train_y = all_gather_rows(train_x), all_gather_rows(train_y)
+        val_x, val_y = all_gather_rows(val_x), all_gather_rows(val_y)
+    if branch[1] <= 0:
+        return None
+    num_classes = len(model.tasks[task].classes)
+    probe = linear_probe_accuracy(train_x, train_y, val_x, val_y, num_classes) if len(train_y) else None
+    return Learnability(
+        val_images=int(branch[1]),
+        num_classes=num_classes,
+        branch_acc=float(branch[0] / branch[1]),
+        zero_shot_acc=float(zero_shot[0] / zero_shot[1]),
+        probe_acc=probe,
+    ).to_dict()
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -364,6 +410,7 @@ def train_loop(config: dict[str, Any]) -> None:
             progress=False,
         )
         train_seconds = time.perf_counter() - t_train
+        learnability = _measure_learnability(model, task, data, world) if cfg.val_fraction > 0 else None
         epochs_run = cfg.epochs - (start_state.epoch if start_state is not None else 0)
         images = epochs_run * steps * per_worker_batch * world
         state = final_state[0] if final_state else start_state
@@ -387,6 +434,7 @@ def train_loop(config: dict[str, Any]) -> None:
             "batch_per_worker": per_worker_batch,
             "train_end_unix": time.time(),
             "epoch_marks": marks,
+            "learnability": learnability,
         }
         if rank == 0:
             with tempfile.TemporaryDirectory(prefix="diki-final-") as tmp:
