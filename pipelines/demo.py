@@ -291,8 +291,10 @@ def run_demo(
                     # candidate), or the task was not learned (nothing registered).
                     record = records.get(name)
                     if record is not None and record.stage == Stage.NOT_LEARNED:
-                        why = (record.error or "it did not beat zero-shot").split("; ")[0]
-                        state.phase[name] = f"not learned: {why}"[:90]
+                        checks = (record.learned or {}).get("checks", {})
+                        b, z = checks.get("branch_acc"), checks.get("zero_shot_acc")
+                        figures = f" ({100 * b:.0f}% vs {100 * z:.0f}% zero-shot)" if b is not None else ""
+                        state.phase[name] = f"not learned{figures}"
                         return True
                     for info in registry.list_versions():
                         if name not in info.tasks or info.tasks[-1] != name:
