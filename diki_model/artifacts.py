@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from diki_model.model import DikiCLIP
 from diki_model.stats import Gaussian
@@ -166,8 +167,9 @@ def load_task(model: DikiCLIP, directory: str | Path) -> int:
 
 
 def _drop_last_task(model: DikiCLIP) -> None:
+    """Undo a half-added task. ``nn.ParameterList`` has no ``__delitem__``: rebuild each without its last entry."""
     for _, _, layer in model.adapter_layers():
-        del layer.keys[-1]
-        del layer.values[-1]
+        layer.keys = nn.ParameterList(list(layer.keys)[:-1])
+        layer.values = nn.ParameterList(list(layer.values)[:-1])
     model.tasks.pop()
     model.invalidate_caches()

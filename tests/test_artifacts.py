@@ -133,13 +133,6 @@ def test_loading_onto_another_backbone_or_layout_names_both(model, tmp_path):
         assert layout.num_tasks == 0
 
 
-DROP_BUG = (
-    "bug in diki_model/artifacts.py _drop_last_task: `del layer.keys[-1]` on an nn.ParameterList raises "
-    "AttributeError (__delitem__), so a task whose weights do not fit crashes load_task and stays half-added"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=DROP_BUG)
 @pytest.mark.parametrize("broken", ["shape", "missing"])
 def test_a_task_whose_weights_do_not_fit_is_dropped_again(model, tmp_path, broken):
     source = copy.deepcopy(model)
@@ -209,3 +202,48 @@ def test_save_needs_fitted_statistics(tmp_path):
         save_task(fresh, 0, tmp_path / "t")
     assert str(err.value) == "task 'raw' has no fitted statistics; fit them before saving"
     assert not (tmp_path / "t").exists()
+
+
+def test_artifact_files_are_tagged_and_readable(model, tmp_path):
+    from safetensors import safe_open
+
+    save_task(model, 1, tmp_path / "t")
+    with safe_open(str(tmp_path / "t" / "adapter.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "diki-task", "name": "colours"}
+    text = (tmp_path / "t" / "task.json").read_text()
+    meta = json.loads(text)
+    assert list(meta) == sorted(meta) and text.splitlines()[1].startswith('  "adapter": {')
+
+
+def test_older_metadata_without_optional_fields_loads_with_defaults(model, tmp_path):
+    save_task(model, 0, tmp_path / "t")
+    meta_path = tmp_path / "t" / "task.json"
+    meta = json.loads(meta_path.read_text())
+    for key in ("dataset_fingerprint", "metadata", "num_samples"):
+        del meta[key]
+    meta_path.write_text(json.dumps(meta))
+    loaded = create_diki_model("diki-test-tiny", seed=0)
+    load_task(loaded, tmp_path / "t")
+    rec = loaded.tasks[0]
+    assert (rec.dataset_fingerprint, rec.metadata, rec.num_samples) == ("", {}, 0)
+
+
+def test_gaussians_are_stored_in_float64_and_times_in_utc(model, tmp_path, monkeypatch):
+    import time
+
+    m = copy.deepcopy(model)
+    g = m.tasks[0].gaussian
+    m.set_task_statistics(0, type(g)(g.mean.float(), g.cov.float()), 0.0, 1.0, 3)
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        save_task(m, 0, tmp_path / "t")
+        now = time.gmtime()
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    tensors = load_file(str(tmp_path / "t" / "adapter.safetensors"))
+    assert tensors["gaussian.mean"].dtype == tensors["gaussian.cov"].dtype == torch.float64
+    created = read_task_metadata(tmp_path / "t")["created_at"]
+    stamp = time.strptime(created, "%Y-%m-%dT%H:%M:%SZ")
+    assert abs(time.mktime(stamp) - time.mktime(now)) < 120, (created, now)

@@ -166,3 +166,19 @@ def test_load_bundle_errors_are_clear(model, tmp_path):
     # Unknown fields (from a newer writer) are ignored.
     (tmp_path / "b" / "bundle.json").write_text(json.dumps({**manifest, "future": 1}))
     assert read_bundle_manifest(tmp_path / "b").task_names == ["quadrants", "other"]
+
+
+def test_load_bundle_loads_the_recorded_weights(tmp_path):
+    from diki_model import load_backbone
+
+    weights = load_backbone("diki-test-tiny", seed=3)
+    torch.save(weights.model.state_dict(), tmp_path / "w.pt")
+    m = create_diki_model("diki-test-tiny", pretrained=str(tmp_path / "w.pt"))
+    t = m.add_task("a", ["x", "y"])
+    m.set_task_statistics(
+        t, Gaussian(torch.zeros(32, dtype=torch.float64), torch.eye(32, dtype=torch.float64)), 0.0, 1.0, 2
+    )
+    save_bundle(m, tmp_path / "b")
+    assert read_bundle_manifest(tmp_path / "b").backbone["pretrained"] == str(tmp_path / "w.pt")
+    loaded = load_bundle(tmp_path / "b")  # no model given: the backbone comes from the bundle's reference
+    assert loaded.backbone_info.fingerprint == weights.info.fingerprint and loaded.num_tasks == 1

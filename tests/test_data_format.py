@@ -879,3 +879,123 @@ def test_decode_errors_survive_pickling():
         "train/part-00000.parquet",
         4,
     )
+
+
+def test_sixteen_bit_grey_is_scaled_to_eight_bits():
+    grey = Image.fromarray(np.array([[0, 1000, 32768, 65535]], dtype=np.uint16))  # mode I;16
+    got = np.asarray(decode_rgb(_encoded(grey)))
+    assert got.shape == (1, 4, 3)
+    assert got[0, :, 0].tolist() == [0, 3, 127, 255] and (got[..., 0] == got[..., 2]).all()
+
+
+def test_decoder_limits_codes_and_statuses():
+    with pytest.raises(ImageDecodeError) as err:
+        decode_rgb("not bytes")
+    assert (err.value.code, err.value.message, err.value.status) == (
+        "not_an_image",
+        "image must be bytes, got str",
+        400,
+    )
+    # A header naming 400 M pixels: PIL's own bomb guard fires while opening; it is reported as ours.
+    ihdr = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 16)
+    head = (
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+        + struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
+    )  # fmt: skip
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageDecodeError) as err:
+            decode_rgb(head, max_pixels=1000)
+    assert (err.value.code, err.value.status) == ("image_too_many_pixels", 413)
+    assert err.value.message == "image has more than 1000 pixels"
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    with pytest.raises(ImageDecodeError) as err:
+        decode_rgb(png(1, (40, 8)), max_aspect_ratio=4)
+    assert (err.value.code, err.value.status) == ("image_aspect_ratio", 422)
+    assert err.value.message == "image is 40x8; its long side may be at most 4 times its short side"
+    assert decode_rgb(png(1, (32, 8)), max_aspect_ratio=4).size == (32, 8)
+    # verify() finds a broken checksum that a plain decode does not look at.
+    data = bytearray(png(2, (8, 8)))
+    data[29:33] = b"\x00\x00\x00\x00"  # the IHDR chunk's CRC
+    with pytest.raises(ImageDecodeError) as err:
+        decode_rgb(bytes(data), verify=True, where="items[0]")
+    assert err.value.code == "corrupt_image"
+    assert err.value.message.startswith("items[0]: PNG image is truncated or corrupt (")
+
+
+def test_resolve_handles_uris_and_trailing_slashes(toy, tmp_path):
+    assert read_manifest(f"file://{toy}/") == MANIFEST
+    assert list_shards(f"file://{toy}", "test") == ["test/part-00000.parquet", "test/part-00001.parquet"]
+    fs = pafs.SubTreeFileSystem(str(toy.parent), pafs.LocalFileSystem())
+    assert read_manifest("toy/", filesystem=fs) == MANIFEST and read_all("toy///", "test", filesystem=fs) == TEST
+    root_fs = pafs.SubTreeFileSystem(str(toy), pafs.LocalFileSystem())
+    assert read_manifest("/", filesystem=root_fs) == MANIFEST and read_manifest("", filesystem=root_fs) == MANIFEST
+
+
+def test_listing_ignores_nested_and_non_parquet_files(toy):
+    (toy / "train" / "nested").mkdir()
+    write_dataset(toy / "train" / "nested" / "inner", MANIFEST, TRAIN[:1])
+    (toy / "train" / "notes.txt").write_text("x")
+    (toy / "train" / "zzz.parquet.tmp").write_text("x")
+    assert list_shards(toy, "train") == [f"train/part-0000{i}.parquet" for i in range(3)]
+    with pytest.raises(DatasetError) as err:
+        list(iter_records(toy, "train", shards=["part-00009.parquet"]))
+    assert (err.value.file, err.value.row, err.value.reason) == ("train/part-00009.parquet", None, "shard not found")
+
+
+def test_schema_accepts_large_binary_and_names_a_wrong_image_type(tmp_path):
+    root = _dataset_with_train_labels(tmp_path / "d", [0, 1, 2])
+    _write_table(root / "train/part-00000.parquet",
+                 pa.table({"image": pa.array([png(0)], pa.large_binary()), "label": pa.array([1], pa.int32())}))  # fmt: skip
+    assert read_all(root, "train") == [(png(0), 1)]
+    _write_table(root / "train/part-00000.parquet",
+                 pa.table({"image": pa.array(["x"], pa.string()), "label": pa.array([1], pa.int64())}))  # fmt: skip
+    [err] = [e for e in validate_dataset(root).errors if e.file != "train/"]
+    assert (err.file, err.reason) == ("train/part-00000.parquet", "column 'image' must be binary, got string")
+    _write_table(root / "train/part-00000.parquet", pa.table({"label": pa.array([1], pa.int64())}))
+    [err] = [e for e in validate_dataset(root).errors if e.file != "train/"]
+    assert err.reason == "missing column 'image' (columns: ['label'])"
+
+
+def test_manifest_problems_word_for_word():
+    def problems(data) -> list[str]:
+        with pytest.raises(DatasetError) as err:
+            Manifest.from_json(json.dumps(data))
+        assert err.value.file == "manifest.json"
+        return err.value.reason.split("; ")
+
+    assert problems(["a"]) == ["manifest must be a JSON object, got list"]
+    assert problems({"name": "ok", "classes": ["a", "b"], "extra": 1, "more": 2}) == [
+        "unknown manifest fields ['extra', 'more']"
+    ]
+    assert problems({"classes": ["a", "b"]}) == ["field 'name' is missing or not a string"]
+    assert problems({"name": "ok", "classes": "ab"}) == ["field 'classes' is missing or not a list of strings"]
+    assert problems({"name": "ok", "classes": ["a", 2]}) == ["field 'classes' is missing or not a list of strings"]
+    assert problems({"name": "ok", "classes": ["a", "b"], "template": 3}) == ["field 'template' is not a string"]
+    for template in ("a {} {", "a {} }", "{x} {}"):
+        assert problems({"name": "ok", "classes": ["a", "b"], "template": template}) == [
+            f"template {template!r} must contain exactly one '{{}}' and no other braces"
+        ]
+    assert problems({"name": "ok", "classes": ["a", "b"], "description": 1}) == ["field 'description' is not a string"]
+    assert problems({"name": "ok", "classes": ["a", "b"], "format_version": True}) == [
+        "format_version True is not supported (this reader knows 1)"
+    ]
+    with pytest.raises(DatasetError) as err:
+        Manifest(name="Bad", classes=["a"])
+    assert err.value.file == "manifest.json"
+    assert err.value.reason.endswith("; at least 2 classes are needed, got 1")
+
+
+def test_manifest_json_text_and_error_strings():
+    m = Manifest(name="drinks", classes=["café", "thé"], template="a cup of {}.")
+    assert m.to_json() == (
+        '{\n  "name": "drinks",\n  "classes": [\n    "café",\n    "thé"\n  ],\n  "template": "a cup of {}.",\n'
+        '  "description": "",\n  "format_version": 1\n}\n'
+    )
+    err = DatasetError("bad", row=3)
+    assert str(err) == "row 3: bad" and err.args == ("row 3: bad",)
+    assert str(DatasetError("bad")) == "bad" and DatasetError("bad").args == ("bad",)

@@ -487,8 +487,16 @@ def test_top_k_lists_only_the_images_own_classes_in_probability_order(model):
     assert all(len(t) == 2 for t in two.top_k)
 
 
-def test_batch_routing_uses_the_mean_gate_for_the_text_tower():
+@pytest.mark.parametrize("tasks", [2, 1])
+def test_batch_routing_uses_the_mean_gate_for_the_text_tower(tasks):
     m = fitted_model(DikiConfig(routing="batch"))
+    if tasks == 1:  # the same first task alone
+        one = create_diki_model("diki-test-tiny", seed=0, config=DikiConfig(routing="batch"))
+        t = one.add_task("quadrants", CLASSES_A)
+        rec = m.tasks[0]
+        one.set_task_statistics(t, rec.gaussian, rec.score_mean, rec.score_std, rec.num_samples)
+        one.load_adapter_state_dict(t, m.adapter_state_dict(0))
+        m = one
     xa = probe_images()[0]
     p = m.predict(xa)
     assert p.task_index.tolist() == [0] * 6
