@@ -370,3 +370,22 @@ def test_unsupported_towers_are_named_in_the_error():
     with pytest.raises(ValueError) as err:
         inject_residual_kv(load_backbone("diki-test-tiny", seed=0).model, 4, vision_layers=(5,))
     assert str(err.value) == "vision tower has 3 layers; cannot inject into layers [5]"
+
+
+def test_frozen_path_passes_other_keyword_arguments_on():
+    mha, state, layer = branch_layer("residual")
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        _, weights = layer(x, x, x, need_weights=True, average_attn_weights=False)
+    assert weights.shape == (2, 4, 5, 5)  # one map per head, not their average
+
+
+def test_a_foreign_text_tower_without_a_text_attribute_is_named():
+    model = load_backbone("diki-test-tiny", seed=0).model
+    model.transformer = nn.Identity()
+    with pytest.raises(TypeError) as err:
+        inject_residual_kv(model, 4)
+    assert str(err.value) == (
+        "unsupported text tower (Identity): expected open_clip's own text transformer "
+        "(Hugging Face text towers are not supported)"
+    )

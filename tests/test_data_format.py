@@ -999,3 +999,68 @@ def test_manifest_json_text_and_error_strings():
     err = DatasetError("bad", row=3)
     assert str(err) == "row 3: bad" and err.args == ("row 3: bad",)
     assert str(DatasetError("bad")) == "bad" and DatasetError("bad").args == ("bad",)
+
+
+def test_paths_with_trailing_slashes_on_an_object_store_like_filesystem():
+    # The mock filesystem, like S3, refuses empty path components ("a//b"): roots must be stripped.
+    fs = pafs._MockFileSystem()
+    write_dataset("bucket/dataX", MANIFEST, TRAIN, filesystem=fs)
+    assert read_manifest("bucket/dataX/", filesystem=fs) == MANIFEST
+    assert read_all("bucket/dataX//", "train", filesystem=fs) == TRAIN
+    assert validate_dataset("bucket/dataX/", fs).ok
+
+
+def test_a_local_folder_ending_in_x_through_a_file_uri(tmp_path):
+    write_dataset(tmp_path / "dataX", MANIFEST, TRAIN)
+    assert read_manifest(f"file://{tmp_path / 'dataX'}/") == MANIFEST
+
+
+def test_sixteen_bit_grey_uses_the_full_16_bit_range_not_the_image_maximum():
+    grey = Image.fromarray(np.array([[0, 1000, 32768]], dtype=np.uint16))
+    assert np.asarray(decode_rgb(_encoded(grey)))[0, :, 0].tolist() == [0, 3, 127]
+
+
+def test_verify_finds_a_broken_data_checksum():
+    data = bytearray(png(2, (8, 8)))
+    idat = data.index(b"IDAT")
+    length = struct.unpack(">I", data[idat - 4 : idat])[0]
+    crc = idat + 4 + length
+    data[crc : crc + 4] = bytes(b ^ 0xFF for b in data[crc : crc + 4])
+    assert decode_rgb(bytes(data)).size == (8, 8)  # the plain decode does not check it
+    with pytest.raises(ImageDecodeError) as err:
+        decode_rgb(bytes(data), verify=True)
+    assert err.value.code == "corrupt_image" and err.value.message.startswith("PNG image is truncated or corrupt (")
+
+
+def test_pil_warns_nothing_when_our_pixel_limit_refuses():
+    import warnings
+
+    ihdr = struct.pack(">IIBBBBB", 10_000, 9_000, 8, 2, 0, 0, 0)  # 90 M pixels: PIL warns, does not refuse
+    idat = zlib.compress(b"\x00" * 16)
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+        + struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageDecodeError) as err:
+            decode_rgb(data)
+    assert err.value.message == "image has 10000x9000 = 90000000 pixels, more than 64000000"
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_sniff_format_names_modern_containers():
+    from diki_model.data import sniff_format
+
+    assert sniff_format(b"RIFF\x00\x00\x00\x00WEBP") == "WEBP"  # exactly 12 bytes
+    assert sniff_format(b"RIFF\x00\x00\x00\x00WEB") is None
+    assert sniff_format(b"RIFX\x00\x00\x00\x00WEBP") is None
+    assert sniff_format(b"RIFF\x00\x00\x00\x00WAVE") is None
+    for brand, name in ((b"avif", "AVIF"), (b"avis", "AVIF"), (b"heic", "HEIF"), (b"mif1", "HEIF")):
+        assert sniff_format(b"\x00\x00\x00\x18ftyp" + brand) == name
+    assert sniff_format(b"\x00\x00\x00\x18ftypavi") is None  # 11 bytes: too short for a brand
+    assert sniff_format(b"\x00\x00\x00\x18FTYPavif") is None
+    assert sniff_format(b"\x00\x00\x00\x18ftypXavif") == "HEIF"  # the brand is bytes 8..12 exactly
+    with pytest.raises(ImageDecodeError, match="^unsupported image format AVIF: only PNG or JPEG are accepted$"):
+        decode_rgb(b"\x00\x00\x00\x18ftypavif" + b"\x00" * 20)
