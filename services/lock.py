@@ -81,6 +81,7 @@ class LearningLock:
         self.host = socket.gethostname()
         self.lost = False
         self._token: str | None = None
+        self._acquired_at = 0.0  # kept across renewals: the lock file says since when it is held
         self._held = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -152,7 +153,8 @@ class LearningLock:
         return holder.host == self.host and holder.pid != os.getpid() and not is_alive(holder.pid, holder.started_at)
 
     def _try_once(self) -> bool:
-        mine = self._record().to_bytes()
+        record = self._record()
+        mine = record.to_bytes()
         token = self.storage.create_exclusive(self.rel, mine)
         if token is None:
             current = self._read()
@@ -164,7 +166,7 @@ class LearningLock:
         if token is None:
             return False
         with self._mutex:
-            self._token = token
+            self._token, self._acquired_at = token, record.acquired_at
         return True
 
     def _renew_loop(self) -> None:
@@ -174,7 +176,7 @@ class LearningLock:
                     if self._token is None:
                         return
                     record = self._record()
-                    record.acquired_at = LockHolder.from_bytes(self._stored()).acquired_at
+                    record.acquired_at = self._acquired_at
                     token = self.storage.replace_if(self.rel, record.to_bytes(), self._token)
                     if token is None:
                         self.lost = True
@@ -183,7 +185,3 @@ class LearningLock:
                     self._token = token
             except (OSError, ValueError) as exc:  # transient: try again at the next renewal
                 log.warning("cannot renew the learning lock: %s", exc)
-
-    def _stored(self) -> bytes:
-        found = self.storage.read_versioned(self.rel)
-        return found[0] if found is not None else self._record().to_bytes()

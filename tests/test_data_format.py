@@ -37,6 +37,7 @@ from diki_model.data import (
     validate_dataset,
     write_dataset,
 )
+from tests.test_images import png_header_only
 
 
 def png(seed: int, size: tuple[int, int] = (8, 8)) -> bytes:
@@ -857,13 +858,10 @@ def test_header_size_reads_only_the_header_of_allowed_formats():
     assert header_size(png(1, (7, 5)), ("PNG",)) == (7, 5)
     assert header_size(png(1, (7, 5)), ("JPEG",)) is None
     assert header_size(b"\x89PNG\r\n\x1a\n broken", ("PNG",)) is None
-    ihdr = struct.pack(">IIBBBBB", 10_000, 9_000, 8, 2, 0, 0, 0)  # 90 M pixels: above PIL's warning limit
-    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
-    idat = zlib.compress(b"\x00" * 16)
-    idat = struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
+    header = png_header_only(10_000, 9_000)  # 90 M pixels: above PIL's warning limit
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert header_size(b"\x89PNG\r\n\x1a\n" + chunk + idat, ("PNG",)) == (10_000, 9_000)
+        assert header_size(header, ("PNG",)) == (10_000, 9_000)
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
@@ -897,13 +895,7 @@ def test_decoder_limits_codes_and_statuses():
         400,
     )
     # A header naming 400 M pixels: PIL's own bomb guard fires while opening; it is reported as ours.
-    ihdr = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 16)
-    head = (
-        b"\x89PNG\r\n\x1a\n"
-        + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
-        + struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
-    )  # fmt: skip
+    head = png_header_only(20_000, 20_000)
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
@@ -1035,13 +1027,7 @@ def test_verify_finds_a_broken_data_checksum():
 def test_pil_warns_nothing_when_our_pixel_limit_refuses():
     import warnings
 
-    ihdr = struct.pack(">IIBBBBB", 10_000, 9_000, 8, 2, 0, 0, 0)  # 90 M pixels: PIL warns, does not refuse
-    idat = zlib.compress(b"\x00" * 16)
-    data = (
-        b"\x89PNG\r\n\x1a\n"
-        + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
-        + struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
-    )  # fmt: skip
+    data = png_header_only(10_000, 9_000)  # 90 M pixels: PIL warns, does not refuse
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(ImageDecodeError) as err:
