@@ -1,7 +1,8 @@
 """diki_model: DIKI (distribution-aware interference-free knowledge integration) for open_clip.
 
 A pure PyTorch library: inject per-task residual key/value branches into a frozen CLIP, fit
-per-task Gaussian statistics of frozen image features, route and gate each image per sample,
+per-task Gaussian statistics of frozen image features, route and gate each image per sample
+(against a reference density of the images to leave undisturbed),
 train one task at a time, save tasks as safetensors + JSON, and compute the continual-learning
 metrics. Services and pipelines use it only through the names exported here.
 """
@@ -17,7 +18,7 @@ from diki_model.backbone import (
     register_model_configs,
 )
 from diki_model.bundle import BundleManifest, extend_bundle, load_bundle, read_bundle_manifest, save_bundle
-from diki_model.calibration import ConstantGate, PaperGate, StandardizedGate, make_gate
+from diki_model.calibration import ConstantGate, LikelihoodRatioGate, PaperGate, StandardizedGate, make_gate
 from diki_model.config import DikiConfig
 from diki_model.evaluate import EvalResult, evaluate
 from diki_model.metrics import StreamMetrics, plot_heatmap, stream_metrics
@@ -29,6 +30,14 @@ from diki_model.probe import (
     learned_verdict,
     linear_probe_accuracy,
     task_counts,
+)
+from diki_model.reference import (
+    ReferenceDensity,
+    fit_reference,
+    fit_reference_from_datasets,
+    load_reference,
+    read_reference_metadata,
+    save_reference,
 )
 from diki_model.stats import Gaussian, GaussianAccumulator, GaussianScorer, ScoreStats
 from diki_model.train import (
@@ -64,6 +73,13 @@ __all__ = [
     "EpochResult",
     "Gaussian",
     "Learnability",
+    "LikelihoodRatioGate",
+    "ReferenceDensity",
+    "fit_reference",
+    "fit_reference_from_datasets",
+    "load_reference",
+    "read_reference_metadata",
+    "save_reference",
     "LearnedVerdict",
     "GaussianAccumulator",
     "GaussianScorer",

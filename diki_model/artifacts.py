@@ -7,13 +7,8 @@ and with the same adapter layout, and refuses a mismatch with a clear error.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from diki_model.files import ArtifactError, atomic_dir
 from diki_model.model import DikiCLIP
 from diki_model.stats import Gaussian
 from diki_model.version import __version__
@@ -28,10 +24,6 @@ from diki_model.version import __version__
 ADAPTER_FILE = "adapter.safetensors"
 META_FILE = "task.json"
 ARTIFACT_VERSION = 1
-
-
-class ArtifactError(ValueError):
-    """A task artifact is missing, malformed, or does not fit the model it is loaded into."""
 
 
 def library_version() -> str:
@@ -63,22 +55,6 @@ def task_metadata(model: DikiCLIP, task: int) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def atomic_dir(directory: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder to fill; it replaces ``directory`` only if the block succeeds."""
-    out = Path(directory)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def bundle_manifest_fields(model: DikiCLIP) -> dict[str, Any]:
     """The backbone and config fields every bundle manifest of ``model`` records."""
     return {
@@ -96,6 +72,9 @@ def save_task(model: DikiCLIP, task: int, directory: str | Path) -> Path:
     tensors = {f"adapter.{k}": v.contiguous() for k, v in model.adapter_state_dict(task).items()}
     tensors["gaussian.mean"] = rec.gaussian.mean.to(torch.float64).contiguous()
     tensors["gaussian.cov"] = rec.gaussian.cov.to(torch.float64).contiguous()
+    if rec.holdout_features is not None and rec.holdout_scores is not None:
+        tensors["holdout.features"] = rec.holdout_features.to(torch.float32).contiguous()
+        tensors["holdout.scores"] = rec.holdout_scores.to(torch.float64).contiguous()
     with atomic_dir(directory) as tmp:
         save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "diki-task", "name": rec.name})
         (tmp / META_FILE).write_text(json.dumps(task_metadata(model, task), indent=2, sort_keys=True))
@@ -160,9 +139,21 @@ def load_task(model: DikiCLIP, directory: str | Path) -> int:
     rec = model.tasks[task]
     rec.dataset_fingerprint = meta.get("dataset_fingerprint", "")
     rec.metadata = meta.get("metadata", {})
-    model.set_task_statistics(
-        task, gaussian, float(meta["score_mean"]), float(meta["score_std"]), int(meta.get("num_samples", 0))
-    )
+    # Tasks saved before held-out features were kept have none; the model then gates them with
+    # the standardised gate.
+    held = (tensors.get("holdout.features"), tensors.get("holdout.scores"))
+    try:
+        model.set_task_statistics(
+            task,
+            gaussian,
+            float(meta["score_mean"]),
+            float(meta["score_std"]),
+            int(meta.get("num_samples", 0)),
+            *(held if held[0] is not None and held[1] is not None else (None, None)),
+        )
+    except ValueError as err:
+        _drop_last_task(model)
+        raise ArtifactError(f"{weights}: {err}") from err
     return task
 
 

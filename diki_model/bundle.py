@@ -1,8 +1,10 @@
 """Bundles: the frozen backbone reference plus the ordered list of task artifacts.
 
 A bundle folder holds ``bundle.json`` and one sub-folder per task (``tasks/000-<name>/`` with
-``adapter.safetensors`` + ``task.json``). Bundle N+1 is bundle N plus one task, so a bundle
-names exactly the tasks a served model knows. The registry versions bundles; serving loads them.
+``adapter.safetensors`` + ``task.json``), plus ``reference/`` when the model gates by the likelihood
+ratio against a reference density (``diki_model.reference``). Bundle N+1 is bundle N plus one
+task, so a bundle names exactly the tasks a served model knows, and the reference it is gated
+against. The registry versions bundles; serving loads them.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from diki_model.artifacts import (
 )
 from diki_model.config import DikiConfig
 from diki_model.model import DikiCLIP, create_diki_model
+from diki_model.reference import ReferenceDensity, load_reference, save_reference
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_VERSION = 1
+REFERENCE_DIR = "reference"
 
 
 @dataclass
@@ -37,6 +41,7 @@ class BundleManifest:
     tasks: list[dict[str, Any]] = field(default_factory=list)  # [{"name", "path", "dataset_fingerprint"}]
     library_version: str = ""
     format_version: int = BUNDLE_VERSION
+    reference: dict[str, Any] | None = None  # {"path", "images", "components", "source"}
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, sort_keys=True)
@@ -62,15 +67,25 @@ def task_folder_name(index: int, name: str) -> str:
     return f"tasks/{index:03d}-{name}"
 
 
+def _write_reference(model: DikiCLIP, tmp: Path) -> dict[str, Any] | None:
+    ref = model.reference
+    if ref is None:
+        return None
+    if not isinstance(ref, ReferenceDensity):
+        raise ArtifactError(f"cannot save a reference density of type {type(ref).__name__}")
+    save_reference(ref, tmp / REFERENCE_DIR)
+    return {"path": REFERENCE_DIR, **ref.summary()}
+
+
 def save_bundle(model: DikiCLIP, directory: str | Path) -> BundleManifest:
-    """Write every task of ``model`` as a bundle folder, atomically."""
+    """Write every task of ``model`` (and its reference density, if any) as a bundle folder, atomically."""
     with atomic_dir(directory) as tmp:
         tasks = []
         for i, rec in enumerate(model.tasks):
             rel = task_folder_name(i, rec.name)
             save_task(model, i, tmp / rel)
             tasks.append({"name": rec.name, "path": rel, "dataset_fingerprint": rec.dataset_fingerprint})
-        manifest = BundleManifest(tasks=tasks, **bundle_manifest_fields(model))
+        manifest = BundleManifest(tasks=tasks, reference=_write_reference(model, tmp), **bundle_manifest_fields(model))
         (tmp / BUNDLE_FILE).write_text(manifest.to_json())
     return manifest
 
@@ -114,11 +129,24 @@ def load_bundle(
         if meta["name"] != entry["name"]:
             raise ArtifactError(f"{directory / rel}: holds task {meta['name']!r}, bundle says {entry['name']!r}")
         load_task(model, directory / rel)
+    # The bundle decides the reference: one without any is gated as it was evaluated, without.
+    ref = manifest.reference
+    if ref is not None:
+        rel = Path(str(ref.get("path", REFERENCE_DIR)))
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ArtifactError(f"{directory}: reference path {ref.get('path')!r} escapes the bundle")
+        model.set_reference(load_reference(directory / rel, model.backbone_info))
+    else:
+        model.set_reference(None)
     return model
 
 
 def extend_bundle(base: str | Path | None, model: DikiCLIP, task: int, directory: str | Path) -> BundleManifest:
-    """Write bundle = ``base`` bundle + task ``task`` of ``model`` (copying the base's task folders)."""
+    """Write bundle = ``base`` bundle + task ``task`` of ``model`` (copying the base's task folders).
+
+    The new bundle carries the model's current reference density (the base's, or a newer one the
+    caller attached), so a reference fitted since the base bundle is used from this bundle on.
+    """
     with atomic_dir(directory) as tmp:
         tasks: list[dict[str, Any]] = []
         if base is not None:
@@ -134,6 +162,6 @@ def extend_bundle(base: str | Path | None, model: DikiCLIP, task: int, directory
         rel = task_folder_name(len(tasks), name)
         save_task(model, task, tmp / rel)
         tasks.append({"name": name, "path": rel, "dataset_fingerprint": model.tasks[task].dataset_fingerprint})
-        new = BundleManifest(tasks=tasks, **bundle_manifest_fields(model))
+        new = BundleManifest(tasks=tasks, reference=_write_reference(model, tmp), **bundle_manifest_fields(model))
         (tmp / BUNDLE_FILE).write_text(new.to_json())
     return new

@@ -20,8 +20,10 @@ class DikiConfig:
     default_layer_count: int = 8
     # "residual" (DIKI) or "prefix" (prompts joined to the frozen keys in one softmax; a baseline).
     branch: str = "residual"
-    # Gate calibration ("standardized" holds across feature sizes; "paper" is sigmoid(S/512 - 1)).
-    gate: str = "standardized"
+    # Gate calibration. "ratio": the likelihood ratio against the model's reference density, open
+    # above the quantile of the task's own held-out ratios (the standardised gate when the model has
+    # no reference). "standardized" holds across feature sizes; "paper" is sigmoid(S/512 - 1).
+    gate: str = "ratio"
     gate_params: dict[str, float] = field(default_factory=dict)
     # Covariance estimator of the task Gaussians; "paper" = plain covariance + 1e-7 I.
     shrinkage: str = "ledoit_wolf"

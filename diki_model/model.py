@@ -3,7 +3,8 @@
 Inference for a batch of images (``predict``):
 1. frozen pass of the image tower -> f(x), L2-normalised;
 2. score f(x) against every task Gaussian in one batched operation; task = argmax, gate =
-   calibration(max score);
+   calibration(max score), or with the likelihood-ratio gate calibration(max score - log p_ref(f))
+   where p_ref is the reference density of the images the model must not disturb;
 3. images whose gate is below ``ood_threshold`` keep their frozen features (and are flagged out
    of distribution); the rest get a second, gated pass with their own task's K/V and gate;
 4. text side: class-prompt features of each task are cached at ``text_gate_levels`` gate levels
@@ -19,7 +20,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +28,9 @@ from torch import nn
 
 from diki_model.adapters import ResidualKVAttention, Route, inject_residual_kv
 from diki_model.backbone import Backbone, BackboneInfo, load_backbone
-from diki_model.calibration import make_gate
+from diki_model.calibration import StandardizedGate, make_gate
 from diki_model.config import DikiConfig
+from diki_model.reference import ReferenceDensity, shipped_reference
 from diki_model.stats import Gaussian, GaussianScorer
 
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -47,6 +49,12 @@ class TaskRecord:
     num_samples: int = 0
     dataset_fingerprint: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Frozen features of the task's held-out images and their log-densities under the Gaussian of
+    # the other images: what the likelihood-ratio gate is calibrated on, whatever the reference.
+    holdout_features: torch.Tensor | None = None
+    holdout_scores: torch.Tensor | None = None
+    # A disabled task is never routed to (it keeps its branch for explicit use); not saved.
+    enabled: bool = True
 
     def prompts(self) -> list[str]:
         return [self.template.format(c) for c in self.classes]
@@ -88,6 +96,8 @@ class DikiCLIP(nn.Module):
         self.text_layers = tuple(injected["text"])
         self.tasks: list[TaskRecord] = []
         self.gate_fn = make_gate(self.config.gate, **self.config.gate_params)
+        self.reference: ReferenceDensity | None = None
+        self._gate_stats: torch.Tensor | None = None
         self._scorer: GaussianScorer | None = None
         self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._text_cache_size = 4096
@@ -116,6 +126,30 @@ class DikiCLIP(nn.Module):
         """Switch the gate calibration (the statistics it needs are already in every task)."""
         self.gate_fn = make_gate(name, **params)
         self.config.gate, self.config.gate_params = name, dict(params)
+        self._gate_stats = None
+
+    def set_reference(self, reference: ReferenceDensity | None) -> None:
+        """Attach (or with None, detach) the reference density the likelihood-ratio gate uses."""
+        if reference is not None and reference.fingerprint != self.backbone_info.fingerprint:
+            raise ValueError(
+                f"reference density was fitted on backbone fingerprint {reference.fingerprint[:12]}, "
+                f"the model's is {self.backbone_info.fingerprint[:12]}"
+            )
+        self.reference = reference
+        self._gate_stats = None
+
+    @property
+    def uses_reference(self) -> bool:
+        """True when images are gated by the likelihood ratio against ``reference``.
+
+        The ratio gate needs a reference and every task's held-out features; without them the model
+        falls back to the standardised gate, which needs neither.
+        """
+        return (
+            self.gate_fn.name == "ratio"
+            and self.reference is not None
+            and all(t.holdout_features is not None and len(t.holdout_features) >= 2 for t in self.tasks)
+        )
 
     def task_index(self, name: str) -> int:
         for i, t in enumerate(self.tasks):
@@ -171,16 +205,37 @@ class DikiCLIP(nn.Module):
         self._invalidate(task)
 
     def set_task_statistics(
-        self, task: int, gaussian: Gaussian, score_mean: float, score_std: float, num_samples: int
+        self,
+        task: int,
+        gaussian: Gaussian,
+        score_mean: float,
+        score_std: float,
+        num_samples: int,
+        holdout_features: torch.Tensor | None = None,
+        holdout_scores: torch.Tensor | None = None,
     ) -> None:
         if gaussian.dim != self.feature_dim:
             raise ValueError(f"Gaussian of dim {gaussian.dim} does not match feature dim {self.feature_dim}")
+        if (holdout_features is None) != (holdout_scores is None):
+            raise ValueError("held-out features and their scores go together")
+        if holdout_features is not None and holdout_scores is not None:
+            if holdout_features.ndim != 2 or holdout_features.shape[1] != self.feature_dim:
+                raise ValueError(
+                    f"held-out features must be (N, {self.feature_dim}), got {tuple(holdout_features.shape)}"
+                )
+            if holdout_scores.shape != (holdout_features.shape[0],):
+                raise ValueError("one held-out score per held-out feature row is needed")
+            holdout_features = holdout_features.detach().to("cpu", torch.float32)
+            holdout_scores = holdout_scores.detach().to("cpu", torch.float64)
         rec = self.tasks[task]
         rec.gaussian, rec.score_mean, rec.score_std, rec.num_samples = gaussian, score_mean, score_std, num_samples
+        rec.holdout_features, rec.holdout_scores = holdout_features, holdout_scores
         self._scorer = None
+        self._gate_stats = None
 
     def _invalidate(self, task: int | None = None) -> None:
         self._scorer = None
+        self._gate_stats = None
         if task is None:
             self._text_cache.clear()
         else:
@@ -235,10 +290,37 @@ class DikiCLIP(nn.Module):
                 missing = [t.name for t in self.tasks if t.gaussian is None]
                 raise RuntimeError(f"tasks without fitted statistics cannot be routed: {missing}")
             self._scorer = GaussianScorer(fitted, device=self.device)
+            if self.reference is not None:
+                self.reference.to(self.device)
         return self._scorer
 
     def score_stats(self) -> torch.Tensor:
-        return torch.tensor([[t.score_mean, t.score_std] for t in self.tasks], dtype=torch.float64)
+        """Per-task statistics (T, 2) of the active calibration (see ``diki_model.calibration``)."""
+        if not self.uses_reference:
+            return torch.tensor([[t.score_mean, t.score_std] for t in self.tasks], dtype=torch.float64)
+        if self._gate_stats is None:
+            q = float(getattr(self.gate_fn, "quantile", 0.05))
+            rows = []
+            for t in self.tasks:
+                ratio = self.holdout_ratios(t)
+                rows.append([float(torch.quantile(ratio, q)), float(ratio.std()) if len(ratio) > 1 else 1.0])
+            self._gate_stats = torch.tensor(rows, dtype=torch.float64)
+        return self._gate_stats
+
+    def holdout_ratios(self, task: TaskRecord) -> torch.Tensor:
+        """Log-likelihood ratios (task vs reference) of a task's held-out images, float64."""
+        if self.reference is None or task.holdout_features is None or task.holdout_scores is None:
+            raise RuntimeError(f"task {task.name!r}: no reference or no held-out features to compare")
+        return task.holdout_scores - self.reference.log_prob(task.holdout_features)
+
+    def _calibrate(self, best: torch.Tensor, task: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
+        if self.uses_reference:
+            assert self.reference is not None
+            ratio = best - self.reference.log_prob(frozen).cpu()
+            return self.gate_fn(ratio, task, self.score_stats()).clamp(0.0, 1.0)
+        # The ratio gate without a reference falls back to the standardised gate's defaults.
+        gate_fn = StandardizedGate() if self.gate_fn.name == "ratio" else self.gate_fn
+        return gate_fn(best, task, self.score_stats()).clamp(0.0, 1.0)
 
     def route(self, frozen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Task index (B,), gate (B,) and all task scores (B, T) for frozen image features."""
@@ -247,9 +329,11 @@ class DikiCLIP(nn.Module):
             b = frozen.shape[0]
             return torch.full((b,), -1, dtype=torch.long), torch.zeros(b, dtype=torch.float64), torch.zeros(b, 0)
         scores = scorer.score(frozen).cpu()
+        disabled = [i for i, t in enumerate(self.tasks) if not t.enabled]
+        if disabled:
+            scores[:, disabled] = -math.inf
         best, task = scores.max(dim=1)
-        gate = self.gate_fn(best, task, self.score_stats()).clamp(0.0, 1.0)
-        return task, gate, scores
+        return task, self._calibrate(best, task, frozen), scores
 
     def task_gate(self, frozen: torch.Tensor, task: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Gate of every sample for one given task (used when the caller forces a task)."""
@@ -258,7 +342,7 @@ class DikiCLIP(nn.Module):
             raise RuntimeError("no task statistics fitted")
         scores = scorer.score(frozen).cpu()
         idx = torch.full((frozen.shape[0],), task, dtype=torch.long)
-        return self.gate_fn(scores[:, task], idx, self.score_stats()).clamp(0.0, 1.0), scores
+        return self._calibrate(scores[:, task], idx, frozen), scores
 
     # --------------------------------------------------------------------------- text cache
     @torch.no_grad()
@@ -429,12 +513,18 @@ def create_diki_model(
     config: DikiConfig | None = None,
     device: str | torch.device = "cpu",
     seed: int | None = None,
+    reference: ReferenceDensity | Literal["shipped"] | None = "shipped",
 ) -> DikiCLIP:
     """The factory: load a frozen open_clip backbone and inject the DIKI adapter pool.
 
-    ``seed`` only matters for a backbone without weights (random initialisation).
+    ``seed`` only matters for a backbone without weights (random initialisation). ``reference`` is
+    the density the likelihood-ratio gate compares against: by default the one shipped with the
+    checkpoint (when the backbone is a shipped one), or a given one, or None.
     """
     model = DikiCLIP(load_backbone(backbone, pretrained, device=device, seed=seed), config)
+    if reference == "shipped":
+        reference = shipped_reference(model.backbone_info)
+    model.set_reference(reference)
     return model.to(device)
 
 

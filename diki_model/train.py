@@ -29,6 +29,8 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 BatchSource = Callable[[int], Batches]  # epoch -> batches of (images, labels)
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 OPTIMIZERS = ("sgd", "adamw")
+# Held-out features kept per task for the likelihood-ratio gate (512 x 512-d float32 = 1 MiB).
+MAX_HOLDOUT_KEPT = 512
 
 
 @dataclass
@@ -149,15 +151,33 @@ class TaskStatistics:
 
     def finalize(self, shrinkage: str = "ledoit_wolf") -> tuple[Gaussian, float, float]:
         """(Gaussian of all images, held-out score mean, held-out score std)."""
+        fit = self.fit_task(shrinkage)
+        return fit.gaussian, fit.score_mean, fit.score_std
+
+    def fit_task(self, shrinkage: str = "ledoit_wolf", keep_holdout: int = MAX_HOLDOUT_KEPT) -> TaskFit:
+        """The task's Gaussian, its held-out score statistics and (up to ``keep_holdout``) held-out
+        features with their scores, for calibrating a likelihood-ratio gate later."""
         if self.held.count < 2 or self.fit.count < 2:
             raise ValueError(
                 f"too few images to fit task statistics: {self.count} (need at least {2 * self.holdout_every})"
             )
         partial = self.fit.finalize(shrinkage)
-        scores = GaussianScorer([partial], dtype=torch.float64).score(torch.cat(self.held_features))[:, 0]
+        held = torch.cat(self.held_features)
+        scores = GaussianScorer([partial], dtype=torch.float64).score(held)[:, 0]
         stats = ScoreStats().update(scores)
         full = copy.deepcopy(self.fit).merge(self.held).finalize(shrinkage)
-        return full, stats.mean, max(stats.std, 1e-6)
+        # Evenly spaced rows keep the stored sample representative of the whole arrival order.
+        keep = torch.linspace(0, len(held) - 1, min(len(held), keep_holdout)).round().long().unique()
+        return TaskFit(full, stats.mean, max(stats.std, 1e-6), held[keep].float(), scores[keep])
+
+
+@dataclass
+class TaskFit:
+    gaussian: Gaussian
+    score_mean: float
+    score_std: float
+    holdout_features: torch.Tensor  # (H, d) float32
+    holdout_scores: torch.Tensor  # (H,) float64, under the Gaussian fitted without them
 
 
 @torch.no_grad()
@@ -170,8 +190,10 @@ def collect_statistics(model: DikiCLIP, batches: Batches, holdout_every: int | N
 
 
 def apply_statistics(model: DikiCLIP, task: int, stats: TaskStatistics) -> None:
-    gaussian, mean, std = stats.finalize(model.config.shrinkage)
-    model.set_task_statistics(task, gaussian, mean, std, stats.count)
+    fit = stats.fit_task(model.config.shrinkage)
+    model.set_task_statistics(
+        task, fit.gaussian, fit.score_mean, fit.score_std, stats.count, fit.holdout_features, fit.holdout_scores
+    )
 
 
 def _autocast(model: DikiCLIP, cfg: TrainConfig):

@@ -132,7 +132,7 @@ def test_load_bundle_builds_the_recorded_backbone_and_config(model, tmp_path):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         override = load_bundle(tmp_path / "b", config=DikiConfig(), device="cpu")
-    assert override.config == DikiConfig() and override.config.gate == "standardized"
+    assert override.config == DikiConfig() and override.config.gate == "ratio"
 
 
 def test_load_bundle_errors_are_clear(model, tmp_path):

@@ -100,6 +100,7 @@ def test_make_gate_builds_each_calibration_with_its_parameters():
     assert make_gate("standardized") == StandardizedGate() and make_gate("paper") == PaperGate()
     assert make_gate("constant") == ConstantGate()
     with pytest.raises(
-        ValueError, match=r"unknown gate calibration 'nope'; choose one of \('standardized', 'paper', 'constant'\)"
+        ValueError,
+        match=r"unknown gate calibration 'nope'; choose one of \('standardized', 'ratio', 'paper', 'constant'\)",
     ):
         make_gate("nope")

@@ -6,7 +6,10 @@ as MTIL defines them); held-out and pre-training columns give zero-shot retentio
 forgetting). Methods, all on the same backbone and data:
 
 - ``zero-shot``: the frozen model.
-- ``diki``: residual K/V + Gaussian routing + the default (standardised) gate.
+- ``diki``: the product's defaults: residual K/V + Gaussian routing + the likelihood-ratio gate
+  against the backbone's reference density (the standardised gate when it has none), and a task
+  that does not beat zero-shot on its own validation split is refused (never routed to).
+- ``diki-standardized``: the same, with the standardised gate instead of the likelihood ratio.
 - ``diki-paper``: the same trained tasks with the authors' gate, sigmoid(S/512 - 1).
 - ``iki``: the same trained tasks, routed by the Gaussians but with gate 1 (no calibration).
 - ``true-task``: the same trained tasks, each learned dataset given its own task with gate 1 and
@@ -38,6 +41,7 @@ from tqdm.auto import tqdm
 from diki_model.config import DikiConfig
 from diki_model.metrics import stream_metrics
 from diki_model.model import DikiCLIP, create_diki_model
+from diki_model.probe import Learnability, LearnedVerdict, learned_verdict, task_counts
 from diki_model.train import (
     TrainConfig,
     apply_statistics,
@@ -47,8 +51,10 @@ from diki_model.train import (
     train_task,
 )
 
-METHODS = ("zero-shot", "diki", "diki-paper", "iki", "true-task", "prefix", "finetune")
-DIKI_FAMILY = ("diki", "diki-paper", "iki", "true-task")
+METHODS = ("zero-shot", "diki", "diki-standardized", "diki-paper", "iki", "true-task", "prefix", "finetune")
+DIKI_FAMILY = ("diki", "diki-standardized", "diki-paper", "iki", "true-task")
+# Methods that, like the product, never route to a task refused by the learning check.
+REFUSING = ("diki", "diki-standardized")
 ROLES = ("stream", "heldout", "pretrain")
 
 
@@ -74,6 +80,8 @@ class MethodResult:
     eval_seconds: float = 0.0
     routing_accuracy: list[float] = field(default_factory=list)  # per step, over learned stream test sets
     mean_gate: dict[str, list[float]] = field(default_factory=dict)  # eval set -> gate per step
+    refused: list[str] = field(default_factory=list)  # stream tasks the learning check refused
+    learning: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> validation figures
 
     def stream_matrix(self) -> np.ndarray:
         cols = [i for i, r in enumerate(self.roles) if r == "stream"]
@@ -102,6 +110,8 @@ class MethodResult:
             "eval_seconds": round(self.eval_seconds, 2),
             "routing_accuracy": self.routing_accuracy,
             "mean_gate": self.mean_gate,
+            "refused": self.refused,
+            "learning": self.learning,
         }
 
 
@@ -261,6 +271,10 @@ class StreamBenchmark:
         return res
 
     def _train(self, model: DikiCLIP, step: int) -> float:
+        secs, _ = self._train_and_check(model, step)
+        return secs
+
+    def _train_and_check(self, model: DikiCLIP, step: int) -> tuple[float, LearnedVerdict | None]:
         t = self.stream[step]
         data = self.train_sets[t.name]
         cfg = self.train_cfg
@@ -284,12 +298,24 @@ class StreamBenchmark:
             val if len(va) else None,
             progress=self.progress,
         )
-        return time.perf_counter() - t0
+        secs = time.perf_counter() - t0
+        if not len(va):
+            return secs, None
+        # The product's learning check, on the task's validation split only (never its test images).
+        branch = task_counts(model, task, val(), gate=1.0)
+        zero = task_counts(model, task, val(), gate=0.0)
+        n = int(branch[1])
+        m = Learnability(n, len(t.classes), float(branch[0]) / n, float(zero[0]) / n)
+        return secs, learned_verdict(m)
 
     def _run_diki_family(self, model: DikiCLIP, family: list[str]) -> dict[str, MethodResult]:
         results = {m: self._new_result(m) for m in family}
         gates = {
-            "diki": ("standardized", self.config.gate_params if self.config.gate == "standardized" else {}),
+            "diki": (self.config.gate, self.config.gate_params),
+            "diki-standardized": (
+                "standardized",
+                self.config.gate_params if self.config.gate == "standardized" else {},
+            ),
             "diki-paper": ("paper", {}),
             "iki": ("constant", {"value": 1.0}),
         }
@@ -298,11 +324,21 @@ class StreamBenchmark:
         stream_names = [t.name for t in self.stream]
         for step in range(len(self.stream)):
             self.log(f"[diki] step {step + 1}/{len(self.stream)}: learning {self.stream[step].name}")
-            secs = self._train(model, step)
+            secs, verdict = self._train_and_check(model, step)
+            name = self.stream[step].name
             for m in family:
                 results[m].train_seconds += secs / len(family)
+                if verdict is not None:
+                    results[m].learning[name] = {"ok": verdict.ok, "reasons": verdict.reasons, **verdict.checks}
+                    if not verdict.ok and m in REFUSING:
+                        results[m].refused.append(name)
+            if verdict is not None and not verdict.ok:
+                self.log(f"[diki] {name} refused: " + "; ".join(verdict.reasons))
             for m in family:
                 t0 = time.perf_counter()
+                refused = results[m].refused if m in REFUSING else []
+                for rec in model.tasks:
+                    rec.enabled = rec.name not in refused
                 routed_ok, routed_n = 0, 0
                 for col, ev in enumerate(self.eval_sets):
                     name = ev.data.name
@@ -316,12 +352,14 @@ class StreamBenchmark:
                         gname, params = gates[m]
                         model.set_gate(gname, **params)
                         acc, g, tasks = self._accuracy(model, ev)
-                        if learned:
+                        if learned and name not in refused:
                             routed_ok += int((tasks == stream_names.index(name)).sum())
                             routed_n += len(tasks)
                     results[m].acc[step + 1, col] = acc
                     results[m].mean_gate.setdefault(name, []).append(round(float(g.mean()), 4))
                 model.set_gate(self.config.gate, **self.config.gate_params)
+                for rec in model.tasks:
+                    rec.enabled = True
                 if routed_n:
                     results[m].routing_accuracy.append(round(100.0 * routed_ok / routed_n, 2))
                 results[m].eval_seconds += time.perf_counter() - t0

@@ -132,3 +132,49 @@ def pretrain(
     console.print(table)
     console.print(f"trained in {recipe['train_seconds']:.0f} s ({recipe['wall_seconds']:.0f} s in all); "
                   f"checkpoint: local-dir:{Path(out).absolute()}")  # fmt: skip
+
+
+@data_app.command()
+def reference(
+    out: Path = typer.Option(..., "--out", help="Folder to write (reference.safetensors + reference.json)."),
+    backbone: str = typer.Option("diki-small", "--backbone", help="The backbone whose frozen features are fitted."),
+    pretrained: str = typer.Option(None, "--pretrained", help="Its weights (default: the shipped checkpoint)."),
+    domains: str = typer.Option(
+        "mnist,fashion-mnist,shapes", "--domains", help="Comma-separated offline domains, one component each."
+    ),
+    data: Path = typer.Option(DEFAULT_DATA_DIR, "--data", help="Where the domains are (built there when missing)."),
+    per_domain: int = typer.Option(600, "--per-domain", help="Training images taken from each domain."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the domain builds."),
+) -> None:
+    """Fit a reference density (the images the likelihood-ratio gate protects) on offline domains' train splits.
+
+    Only training images are used, so the reference shares no image with any evaluation set.
+    """
+    from diki_model import create_diki_model, fit_reference_from_datasets, save_reference
+    from diki_model.datasets import DOMAINS, build_domain
+
+    names = [d.strip() for d in domains.split(",") if d.strip()]
+    unknown = [n for n in names if n not in DOMAINS]
+    if unknown:
+        _fail(f"unknown domain(s) {', '.join(unknown)}; known: {', '.join(DOMAINS)}")
+    for name in names:
+        if not (data / name / "manifest.json").exists():
+            build_domain(name, data, seed)
+    model = create_diki_model(backbone, pretrained, reference=None)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task("frozen features", total=per_domain * len(names))
+        ref = fit_reference_from_datasets(
+            model,
+            [(n, data / n) for n in names],
+            limit=per_domain,
+            progress=lambda n: progress.advance(bar, n),
+        )
+    ref.source["command"] = (
+        f"diki data reference --out {out} --backbone {backbone} --domains {','.join(names)} --per-domain {per_domain}"
+    )
+    ref.source["datasets"] = {n: f"offline domain {n}, train split" for n in names}
+    save_reference(ref, out)
+    for name, acc in sorted(ref.components.items()):
+        console.print(f"  {name}: {acc.count} images")
+    console.print(f"reference density of {ref.count} images written to {out}")
