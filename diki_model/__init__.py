@@ -17,7 +17,14 @@ from diki_model.backbone import (
     load_backbone,
     register_model_configs,
 )
-from diki_model.bundle import BundleManifest, extend_bundle, load_bundle, read_bundle_manifest, save_bundle
+from diki_model.bundle import (
+    BundleManifest,
+    extend_bundle,
+    load_bundle,
+    read_bundle_manifest,
+    replace_bundle_reference,
+    save_bundle,
+)
 from diki_model.calibration import ConstantGate, LikelihoodRatioGate, PaperGate, StandardizedGate, make_gate
 from diki_model.config import DikiConfig
 from diki_model.evaluate import EvalResult, evaluate
@@ -65,6 +72,7 @@ __all__ = [
     "extend_bundle",
     "load_bundle",
     "read_bundle_manifest",
+    "replace_bundle_reference",
     "save_bundle",
     "BackboneInfo",
     "ConstantGate",

@@ -165,3 +165,21 @@ def extend_bundle(base: str | Path | None, model: DikiCLIP, task: int, directory
         new = BundleManifest(tasks=tasks, reference=_write_reference(model, tmp), **bundle_manifest_fields(model))
         (tmp / BUNDLE_FILE).write_text(new.to_json())
     return new
+
+
+def replace_bundle_reference(directory: str | Path, reference: ReferenceDensity | None) -> BundleManifest:
+    """Rewrite a bundle folder with another reference density (or none), atomically; tasks unchanged."""
+    directory = Path(directory)
+    manifest = read_bundle_manifest(directory)
+    if reference is not None and reference.fingerprint != manifest.backbone.get("fingerprint"):
+        raise ArtifactError(f"{directory}: the reference density was fitted on another backbone than the bundle's")
+    with atomic_dir(directory) as tmp:
+        for entry in manifest.tasks:
+            shutil.copytree(directory / entry["path"], tmp / entry["path"])
+        if reference is not None:
+            save_reference(reference, tmp / REFERENCE_DIR)
+            manifest.reference = {"path": REFERENCE_DIR, **reference.summary()}
+        else:
+            manifest.reference = None
+        (tmp / BUNDLE_FILE).write_text(manifest.to_json())
+    return manifest

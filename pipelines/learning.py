@@ -33,17 +33,20 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from diki_model import read_bundle_manifest
+from diki_model import read_bundle_manifest, replace_bundle_reference, save_bundle
 from diki_model.data import read_manifest
 from pipelines.state import DatasetRecord, Stage, StateStore
 from services.accuracy import AccuracyMatrix
+from services.backbone import create_model
 from services.evaluation import build_accuracy_matrix, discover_heldout
 from services.lock import LearningLock, LockHolder
 from services.promotion import PromotionDecision, decide_learned, decide_promotion
-from services.registry import TAG_BASE, Registry, code_version
+from services.reference import current_reference
+from services.registry import TAG_BASE, DatasetRef, Registry
 from services.settings import Settings
 from services.storage import Storage, dataset_location, normalise_dataset_uri, open_storage
 from services.training import (
@@ -239,6 +242,8 @@ def run_params(job: TrainJobResult, record: DatasetRecord, bundle_dir: Path) -> 
     """The MLflow run's parameters for one learned task (plain data for ``Registry.log_run``)."""
     backbone = read_bundle_manifest(bundle_dir).backbone
     params: dict[str, Any] = {f"train.{k}": v for k, v in job.train_config.items()}
+    # bf16 autocast runs on CUDA only: the parameter says what the job really did.
+    params["train.amp"] = bool(job.train_config.get("amp")) and job.use_gpu
     params.update(
         {
             "scaling.workers": job.workers,
@@ -254,13 +259,26 @@ def run_params(job: TrainJobResult, record: DatasetRecord, bundle_dir: Path) -> 
             "task.name": job.task_name,
             "task.index": job.task_index,
             "base_version": record.base_version,
-            "code_version": code_version(),
             "ray.run_id": job.ray_run_id,
             "ray.job_id": job.ray_job_id,
             "ray.checkpoint": job.checkpoint_path,
         }
     )
     return params
+
+
+def job_started_ms(job: TrainJobResult, record: DatasetRecord) -> int | None:
+    """When the training job began (Unix ms): its end, as the record's ``trained`` entry has it, less its length."""
+    trained = next((h.get("at") for h in reversed(record.history) if h.get("stage") == Stage.TRAINED.value), None)
+    if not trained:
+        return None
+    return int((datetime.fromisoformat(trained).timestamp() - job.job_seconds) * 1000)
+
+
+def run_dataset(job: TrainJobResult, record: DatasetRecord) -> DatasetRef:
+    """The dataset the run trained on, as MLflow's dataset tracking records it."""
+    size = {"train": job.num_train_images, "val": job.num_val_images}
+    return DatasetRef(record.name, job.dataset_uri, job.dataset_fingerprint, "training", size)
 
 
 def run_summary(job: TrainJobResult) -> dict[str, float]:
@@ -287,6 +305,7 @@ def train(ctx: LearningContext, record: DatasetRecord) -> DatasetRecord:
     )
     with tempfile.TemporaryDirectory(prefix="diki-base-") as tmp:
         base_dir = ctx.registry.download_bundle(base, Path(tmp) / "bundle") if base is not None else None
+        base_dir = _with_current_reference(ctx, base_dir, Path(tmp) / "bundle")
         job = run_training_job(
             ctx.settings,
             dataset,
@@ -318,6 +337,26 @@ def train(ctx: LearningContext, record: DatasetRecord) -> DatasetRecord:
     return ctx.store.advance(
         record, Stage.TRAINED, job=job.to_dict(), bundle=rel, task_index=job.task_index, base_version=base
     )
+
+
+def _with_current_reference(ctx: LearningContext, base_dir: Path | None, folder: Path) -> Path | None:
+    """The base bundle, carrying the reference fitted on ``reference/`` in storage when there is one.
+
+    The new task's bundle inherits its base's reference, so a reference that appeared or changed since
+    the base was built is used from this bundle on. Without a base, an empty bundle carries it.
+    """
+    reference = current_reference(ctx.settings, ctx.storage)
+    if reference is None:
+        return base_dir
+    if base_dir is None:
+        model = create_model(ctx.settings)
+        model.set_reference(reference)
+        save_bundle(model, folder)
+        base_dir = folder
+    else:
+        replace_bundle_reference(base_dir, reference)
+    log.info("training against the reference density of %s", reference.source.get("dataset"))
+    return base_dir
 
 
 def check_learned(ctx: LearningContext, record: DatasetRecord) -> DatasetRecord:
@@ -380,6 +419,7 @@ def register(ctx: LearningContext, record: DatasetRecord) -> DatasetRecord:
         run_id = registry.create_run(
             job.ray_run_id,
             {"diki.task": job.task_name, "diki.dataset": record.name, "diki.fingerprint": record.fingerprint},
+            start_time_ms=job_started_ms(job, record),  # the run spans the training job it records
         )
         record = store.advance(record, Stage.TRACKING, run_id=run_id)
     assert record.run_id is not None
@@ -391,6 +431,7 @@ def register(ctx: LearningContext, record: DatasetRecord) -> DatasetRecord:
             epochs=job.history,
             metrics=run_summary(job),
             matrix=matrix,
+            dataset=run_dataset(job, record),
         )
     except Exception as exc:  # noqa: BLE001
         if not resumed:

@@ -2,13 +2,19 @@
 
 Layout in MLflow:
 
-- Experiment ``settings.mlflow.experiment_name``: one run per learned task, with the training
-  parameters, per-epoch metrics, the accuracy matrix (``evaluation/accuracy_matrix.json``), its
-  heatmap, Transfer / Average / Last, and the bundle folder itself (``bundle/``).
-- Registered model ``settings.mlflow.registry_model_name`` (default ``diki``): version N is a bundle
-  (its source is the run's ``bundle/`` artifact folder), version tags name its ordered tasks and
-  their dataset fingerprints. A new version holds exactly one task more than the version it
-  extends (its ``base_version`` tag).
+- Experiment ``settings.mlflow.experiment_name``: one run per learned task, spanning the training
+  job to the promotion decision, with MLflow's source tags, the training parameters, the datasets
+  it trained and was evaluated on (``log_inputs``), per-epoch metrics, the accuracy matrix
+  (``evaluation/accuracy_matrix.json``), its heatmap and Transfer / Average / Last. Every
+  accuracy is in percent.
+- Each bundle is logged as an MLflow model (a ``LoggedModel`` of the run, ``pyfunc`` flavour,
+  :mod:`services.mlflow_model`) whose one artifact is the bundle folder (``artifacts/bundle``):
+  ``mlflow.pyfunc.load_model("models:/diki@production")`` classifies images, and serving
+  downloads the same folder.
+- Registered model ``settings.mlflow.registry_model_name`` (default ``diki``): version N is that
+  model (source ``models:/<model id>``); its description says what it adds and what the promotion
+  decided, its tags name its ordered tasks and their dataset fingerprints. A new version holds
+  exactly one task more than the version it extends (its ``base_version`` tag).
 - Aliases ``candidate`` (the newest version whose promotion was decided) and ``production`` (what is
   served). The promotion policy itself is :mod:`services.promotion`.
   Every alias move is recorded in a registered-model tag ``<alias>_history`` (JSON list), which
@@ -20,8 +26,10 @@ deleted again. An alias is moved in one call, and put back if recording its hist
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -43,6 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ALIASES",
+    "DatasetRef",
     "Registry",
     "RegistryError",
     "VersionInfo",
@@ -50,7 +59,11 @@ __all__ = [
 ]
 
 ALIASES = ("candidate", "production")
-BUNDLE_ARTIFACT = "bundle"
+BUNDLE_ARTIFACT = "bundle"  # older versions: the bundle folder among the run's artifacts
+MODEL_NAME = "bundle"  # the LoggedModel of each run; the bundle sits in its artifacts/bundle
+MODEL_TYPE = "diki-bundle"
+_MODEL_BUNDLE_PATH = "artifacts/bundle"  # = services.mlflow_model.BUNDLE_KEY under the model's artifacts/
+SOURCE_NAME = "pipelines/learning.py"  # the learning step every front door runs
 MATRIX_ARTIFACT = "evaluation/accuracy_matrix.json"
 HEATMAP_ARTIFACT = "evaluation"
 TAG_TASKS = "tasks"
@@ -82,6 +95,18 @@ class VersionInfo:
     dataset_fingerprints: list[str] = field(default_factory=list)
     datasets: list[str] = field(default_factory=list)
     base_version: int | None = None
+    model_id: str | None = None  # the MLflow LoggedModel (None for versions registered before pyfunc models)
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A dataset a run used, as ``mlflow.log_input`` records it: name, URI, fingerprint and size."""
+
+    name: str
+    uri: str
+    fingerprint: str
+    context: str  # "training" or "evaluation"
+    size: dict[str, int] = field(default_factory=dict)  # images per split
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -109,6 +134,39 @@ def code_version() -> str:
         return __version__
 
 
+def source_tags() -> dict[str, str]:
+    """MLflow's own run tags for who ran what code: the UI's Source, Version and Created by."""
+    tags = {"mlflow.source.name": SOURCE_NAME, "mlflow.source.type": "JOB"}
+    version = code_version()
+    if re.fullmatch(r"[0-9a-f]{40}", version):
+        tags["mlflow.source.git.commit"] = version
+    else:
+        tags["diki.version"] = version
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container)
+        pass
+    return tags
+
+
+def _dataset_entity(ref: DatasetRef) -> Any:
+    """The MLflow dataset of ``ref``: its source resolved from the URI (S3, local, ...), digest = fingerprint."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset
+
+    try:
+        source = resolve_dataset_source(ref.uri)
+    except Exception:  # a scheme MLflow has no source for
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+        source = HTTPDatasetSource(ref.uri)
+    # MLflow keeps at most 36 characters of a digest; the whole fingerprint goes in the profile.
+    entity = MetaDataset(source=source, name=ref.name, digest=ref.fingerprint[:36])._to_mlflow_entity()
+    profile = {"fingerprint": ref.fingerprint, "uri": ref.uri, **{f"{k}_images": v for k, v in ref.size.items()}}
+    return Dataset(entity.name, entity.digest, entity.source_type, entity.source, None, json.dumps(profile))
+
+
 def lineage_description(tasks: list[str], base_version: int | None) -> str:
     """One line on what a version is: the task it adds and the version it extends."""
     new = tasks[-1] if tasks else "?"
@@ -124,6 +182,48 @@ def promotion_summary(decision: PromotionDecision) -> str:
         return f"Promotion passed, now production: {figures}."
     failed = [r for r in decision.reasons if " > " in r or " < " in r or "does not beat" in r or "missing" in r]
     return f"Promotion refused, candidate only: {'; '.join(failed or decision.reasons[:1])}."
+
+
+# Per-epoch values as ``train_task`` reports them -> metric name and the factor to percent.
+_EPOCH_METRICS = {
+    "train_loss": ("train_loss", 1.0),
+    "train_acc": ("acc.train", 100.0),
+    "val_acc": ("acc.val", 100.0),
+    "lr": ("lr_schedule", 1.0),
+    "seconds": ("epoch_seconds", 1.0),
+}
+
+
+def _epoch_metrics(epochs: Sequence[dict[str, Any]]) -> list[tuple[str, float, int]]:
+    return [
+        (name, float(h[key]) * factor, int(h["epoch"]))
+        for h in epochs
+        for key, (name, factor) in _EPOCH_METRICS.items()
+        if h.get(key) is not None
+    ]
+
+
+def _matrix_metrics(matrix: AccuracyMatrix) -> dict[str, float]:
+    out = {k: v for k, v in matrix.stream_metrics().items() if v is not None}
+    retention = matrix.zero_shot_retention()
+    if retention is not None:
+        out["zero_shot_retention"] = 100.0 * retention
+    for j, col in enumerate(matrix.columns):
+        out[f"acc.{col.kind}.{col.name}"] = matrix.acc[-1][j]
+    return out
+
+
+def _model_id(source: str | None) -> str | None:
+    """The logged model a version's source names (``models:/m-...``); None for a plain artifact folder."""
+    if source and source.startswith("models:/m-") and "/" not in source[len("models:/") :]:
+        return source[len("models:/") :]
+    return None
+
+
+def _use_tracking_uri(uri: str) -> Any:
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri as use
+
+    return use(uri)
 
 
 def _loads_list(value: str | None) -> list[Any]:
@@ -187,8 +287,11 @@ class Registry:
                 self._experiment_id = exp.experiment_id
         return self._experiment_id
 
-    def create_run(self, name: str, tags: dict[str, str] | None = None) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags or {})
+    def create_run(self, name: str, tags: dict[str, str] | None = None, *, start_time_ms: int | None = None) -> str:
+        """A new run with MLflow's source tags; ``start_time_ms`` backdates it to when its work began."""
+        run = self.client.create_run(
+            self.experiment_id, start_time=start_time_ms, run_name=name, tags={**source_tags(), **(tags or {})}
+        )
         return run.info.run_id
 
     def end_run(self, run_id: str, ok: bool = True) -> None:
@@ -202,45 +305,62 @@ class Registry:
         epochs: Sequence[dict[str, Any]] = (),
         metrics: dict[str, float] | None = None,
         matrix: AccuracyMatrix | None = None,
+        dataset: DatasetRef | None = None,
     ) -> None:
-        """Record one learned task on run ``run_id``: parameters, per-epoch and summary metrics, the matrix.
+        """Record one learned task on run ``run_id``: parameters, datasets, per-epoch and summary metrics, the matrix.
+
+        Every accuracy is logged in percent, as the matrix holds it: ``acc.train`` and ``acc.val`` per
+        epoch, ``acc.<task|heldout>.<name>`` after the step, Transfer / Average / Last, and
+        ``zero_shot_retention`` (held-out accuracy now, in percent of the frozen backbone's).
 
         Args:
             params: parameter name -> value (stored as text).
-            epochs: one dict per epoch with ``epoch`` and any of ``train_loss``, ``train_acc``,
-                ``val_acc``, ``lr``, ``seconds`` (logged as step-indexed metrics).
+            epochs: one dict per epoch with ``epoch`` and any of ``train_loss``, ``train_acc`` and
+                ``val_acc`` (fractions), ``lr`` (the schedule's value at the epoch's end, logged
+                as ``lr_schedule``) and ``seconds`` (logged as step-indexed metrics).
             metrics: summary metrics (step 0).
             matrix: the accuracy matrix, logged as JSON with its heatmap; its Transfer / Average /
-                Last, zero-shot retention and last-row accuracies become metrics too.
+                Last, zero-shot retention and last-row accuracies become metrics, its test sets
+                evaluation datasets.
+            dataset: the dataset the task was trained on (a training dataset of the run).
         """
         from mlflow.entities import Metric, Param
 
         now = int(time.time() * 1000)
-        logged: list[Metric] = []
-        for h in epochs:
-            for key in ("train_loss", "train_acc", "val_acc", "lr", "seconds"):
-                if h.get(key) is not None:
-                    name = "epoch_seconds" if key == "seconds" else key
-                    logged.append(Metric(name, float(h[key]), now, int(h["epoch"])))
+        logged = [Metric(k, v, now, step) for k, v, step in _epoch_metrics(epochs)]
         summary = dict(metrics or {})
         if matrix is not None:
-            summary.update({k: v for k, v in matrix.stream_metrics().items() if v is not None})
-            retention = matrix.zero_shot_retention()
-            if retention is not None:
-                summary["zero_shot_retention"] = retention
-            for j, col in enumerate(matrix.columns):
-                summary[f"acc.{col.kind}.{col.name}"] = matrix.acc[-1][j]
+            summary.update(_matrix_metrics(matrix))
         logged += [Metric(k, float(v), now, 0) for k, v in summary.items()]
         self.client.log_batch(
             run_id,
             metrics=logged,
             params=[Param(k, "" if v is None else str(v)[:6000]) for k, v in params.items()],
         )
+        self.log_datasets(run_id, [dataset] if dataset is not None else [], matrix)
         if matrix is not None:
             self.client.log_text(run_id, matrix.to_json(), MATRIX_ARTIFACT)
             with tempfile.TemporaryDirectory(prefix="diki-heatmap-") as tmp:
                 path = matrix.heatmap(Path(tmp) / "accuracy_heatmap.png")
                 self.client.log_artifact(run_id, str(path), HEATMAP_ARTIFACT)
+
+    def log_datasets(self, run_id: str, datasets: Sequence[DatasetRef], matrix: AccuracyMatrix | None = None) -> None:
+        """The run's datasets (the UI's Dataset column and panel): ``datasets`` plus the matrix's test sets."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        refs = list(datasets)
+        if matrix is not None:
+            refs += [
+                DatasetRef(f"{c.name} (test)", c.uri, c.fingerprint or c.uri, "evaluation", {"test": c.count})
+                for c in matrix.columns
+            ]
+        inputs = [
+            DatasetInput(_dataset_entity(ref), [InputTag("mlflow.data.context", ref.context)])
+            for ref in refs
+            if ref.uri
+        ]
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)
 
     # -- versions --------------------------------------------------------------------------------
 
@@ -283,6 +403,7 @@ class Registry:
             dataset_fingerprints=[str(f) for f in _loads_list(tags.get(TAG_FINGERPRINTS))],
             datasets=[str(d) for d in _loads_list(tags.get(TAG_DATASETS))],
             base_version=int(base) if base and base.isdigit() else None,
+            model_id=_model_id(mv.source),
         )
 
     def list_versions(self) -> list[VersionInfo]:
@@ -357,8 +478,8 @@ class Registry:
             run_id = self.create_run(f"register-{names[-1]}", {"diki.task": names[-1]})
         assert run_id is not None
         try:
-            self.client.log_artifacts(run_id, str(bundle_dir), BUNDLE_ARTIFACT)
-            source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{BUNDLE_ARTIFACT}"
+            model_id = self._log_model(run_id, bundle_dir, names)
+            source = f"models:/{model_id}"  # how MLflow links a version to its logged model
             self._ensure_model()
         except Exception as exc:
             if own_run:
@@ -377,10 +498,18 @@ class Registry:
         if datasets is not None:
             system[TAG_DATASETS] = json.dumps([str(d) for d in datasets])
         try:
-            mv = self.client.create_model_version(
-                self.model_name, source, run_id=run_id, tags=system, description=lineage_description(names, parent)
-            )
+            # An embedded store resolves ``models:/<id>`` through MLflow's process-wide tracking URI.
+            with _use_tracking_uri(self.tracking_uri):
+                mv = self.client.create_model_version(
+                    self.model_name,
+                    source,
+                    run_id=run_id,
+                    tags=system,
+                    description=lineage_description(names, parent),
+                    model_id=model_id,
+                )
         except Exception as exc:
+            self._mark_failed(model_id)
             if own_run:
                 self.end_run(run_id, ok=False)
             raise RegistryError(f"cannot create a version of {self.model_name!r} for {bundle_dir}: {exc}") from exc
@@ -388,9 +517,13 @@ class Registry:
         try:
             if mv.status != "READY":
                 raise RegistryError(f"version {version} is {mv.status}: {mv.status_message}")
-            listed = {a.path.rsplit("/", 1)[-1] for a in self.client.list_artifacts(run_id, BUNDLE_ARTIFACT)}
+            stored = _MODEL_BUNDLE_PATH
+            listed = {a.path.rsplit("/", 1)[-1] for a in self.client.list_logged_model_artifacts(model_id, stored)}
             if "bundle.json" not in listed:
-                raise RegistryError(f"bundle.json missing from the stored artifacts at {source}")
+                raise RegistryError(f"bundle.json missing from the stored model at {source}/{stored}")
+            self.client.set_logged_model_tags(
+                model_id, {"mlflow.modelVersions": json.dumps([{"name": self.model_name, "version": str(version)}])}
+            )
             for key, value in (tags or {}).items():
                 if key in SYSTEM_TAGS:
                     continue
@@ -402,12 +535,73 @@ class Registry:
                 raise RegistryError(
                     f"registering {bundle_dir} failed ({exc}) and version {version} could not be deleted: {cleanup}"
                 ) from exc
+            self._mark_failed(model_id)
             if own_run:
                 self.end_run(run_id, ok=False)
             raise RegistryError(f"registering {bundle_dir} failed, version {version} was removed: {exc}") from exc
         if own_run:
             self.end_run(run_id, ok=True)
         return version
+
+    def _log_model(self, run_id: str, bundle_dir: Path, names: list[str]) -> str:
+        """Log ``bundle_dir`` as the run's MLflow model (pyfunc, signature recorded); returns its model id."""
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import Model
+        from mlflow.pyfunc import save_model
+
+        from services.mlflow_model import BUNDLE_KEY, model_signature, pip_requirements
+
+        run = self.client.get_run(run_id)
+        logged = self.client.create_logged_model(
+            run.info.experiment_id,
+            name=MODEL_NAME,
+            source_run_id=run_id,
+            tags={TAG_TASKS: json.dumps(names), TAG_TASK: names[-1]},
+            params={k: v[:6000] for k, v in run.data.params.items()},
+            model_type=MODEL_TYPE,
+        )
+        model_id = logged.model_id
+        try:
+            with tempfile.TemporaryDirectory(prefix="diki-pyfunc-") as tmp:
+                # The artifact's folder name is kept by MLflow: stage the bundle as artifacts/bundle.
+                staged = Path(tmp) / BUNDLE_KEY
+                shutil.copytree(bundle_dir, staged)
+                local = Path(tmp) / "model"
+                save_model(
+                    path=str(local),
+                    # A code path, not an instance: MLflow stores the source, never a pickle.
+                    python_model=str(Path(__file__).with_name("mlflow_model_code.py")),
+                    artifacts={BUNDLE_KEY: str(staged)},
+                    signature=model_signature(),
+                    pip_requirements=pip_requirements(),
+                    model_config={"seed": self.settings.train.seed, "device": "cpu"},
+                    mlflow_model=Model(
+                        artifact_path=logged.artifact_location, model_uuid=model_id, run_id=run_id, model_id=model_id
+                    ),
+                )
+                self.client.log_model_artifacts(model_id, str(local))
+            self.client.finalize_logged_model(model_id, LoggedModelStatus.READY)
+            self.client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+        except Exception:
+            self._mark_failed(model_id)
+            raise
+        return model_id
+
+    def _mark_failed(self, model_id: str) -> None:
+        """A logged model no version holds is marked FAILED, so the UI shows it is not a usable bundle."""
+        from mlflow.entities import LoggedModelStatus
+
+        try:
+            self.client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+        except Exception:  # noqa: BLE001 - best effort; the original error is what is reported
+            pass
+
+    def _bundle_uri(self, info: VersionInfo) -> str:
+        """Where the version's bundle folder is stored: inside its MLflow model, or (older versions) its source."""
+        if info.model_id:
+            location = self.client.get_logged_model(info.model_id).artifact_location
+            return f"{location.rstrip('/')}/{_MODEL_BUNDLE_PATH}"
+        return info.source
 
     def _parent(self, names: list[str], fps: list[str], backbone_fp: str, wanted: str | None) -> int | None:
         if len(names) == 1:
@@ -443,7 +637,7 @@ class Registry:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
         try:
             local = mlflow.artifacts.download_artifacts(
-                artifact_uri=info.source, dst_path=str(tmp), tracking_uri=self.tracking_uri
+                artifact_uri=self._bundle_uri(info), dst_path=str(tmp), tracking_uri=self.tracking_uri
             )
             manifest = read_bundle_manifest(local)
             if info.tasks and manifest.task_names != info.tasks:

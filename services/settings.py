@@ -162,6 +162,10 @@ class StorageSettings(_Section):
     quarantine_prefix: str = "quarantine"
     # Trained task artifacts and run records.
     artifacts_prefix: str = "artifacts"
+    # A dataset (the project's format, any labels) of the images the model must not disturb: the
+    # likelihood-ratio gate's reference density is fitted on it when it appears or changes, and
+    # used from the next bundle on. Without one, a shipped backbone's own reference is used.
+    reference_prefix: str = "reference"
     # Name of the file that marks a dataset folder as complete.
     success_marker: str = "_SUCCESS"
 
@@ -180,7 +184,7 @@ class StorageSettings(_Section):
             raise ValueError("storage.root must be a local path or s3://bucket/prefix")
         return str(_absolute(Path(value)))
 
-    @field_validator("incoming_prefix", "quarantine_prefix", "artifacts_prefix", "success_marker")
+    @field_validator("incoming_prefix", "quarantine_prefix", "artifacts_prefix", "reference_prefix", "success_marker")
     @classmethod
     def _names(cls, value: str, info: Any) -> str:
         return _check_name(value, f"storage.{info.field_name}", re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"))

@@ -297,3 +297,74 @@ def test_diki_train_refuses_a_task_that_learned_nothing(ray_session, tmp_path):
     registry = Registry(settings)
     assert registry.list_versions() == []
     assert registry.client.search_runs([registry.experiment_id]) == []
+
+
+# --- the reference density ------------------------------------------------------------------------
+
+
+def _bundle_reference(settings: Settings, version: int, tmp: Path) -> dict[str, Any] | None:
+    from diki_model import read_bundle_manifest
+    from services.registry import Registry
+
+    return read_bundle_manifest(Registry(settings).download_bundle(version, tmp / f"v{version}")).reference
+
+
+def test_a_reference_drop_is_fitted_once_and_used_by_the_next_bundle(ray_session, tmp_path):
+    """`reference/` in storage: fitted when it appears, kept as an artifact, carried by every later bundle;
+    a changed reference is fitted again. Before any, bundles carry the shipped backbone's own reference."""
+    from pipelines.learning import learn_dataset
+    from services.storage import open_storage
+
+    settings = Settings.load(
+        home=str(tmp_path / "home"),
+        train={"epochs": 1, "batch_size": 32, "seed": 0},
+        promotion={"require_learned": False, "require_new_task_gain": False, "min_zero_shot_retention": 0.0},
+        ray={"num_cpus": 2},
+    )
+    storage = open_storage(settings)
+    outcome = learn_dataset(settings, make_dataset(tmp_path / "quads", "quads", QUADS, background=60, seed=0),
+                            heldout=[])  # fmt: skip
+    assert outcome.version == 1
+    assert _bundle_reference(settings, 1, tmp_path)["components"] == {"mnist": 600, "fashion-mnist": 600, "shapes": 600}
+
+    make_dataset(storage.path("reference"), "traffic", SHAPES, background=200, seed=5, n_train=60, n_test=12)
+    outcome = learn_dataset(settings, make_dataset(tmp_path / "corners", "corners", CORNERS, background=30, seed=1),
+                            heldout=[])  # fmt: skip
+    ref = _bundle_reference(settings, outcome.version, tmp_path)
+    assert ref is not None
+    # One component per class of the reference dataset, fitted on all of its images (train 60 + test 12).
+    assert set(ref["components"]) == {f"reference/{c}" for c in SHAPES} and ref["images"] == 72
+    fitted = storage.list_dir("artifacts/references")
+    assert len(fitted) == 1
+
+    # The next bundle reuses the kept fit; a changed reference dataset is fitted again.
+    learn_dataset(settings, make_dataset(tmp_path / "more", "more", SHAPES, background=120, seed=2), heldout=[])
+    assert storage.list_dir("artifacts/references") == fitted
+    shutil.rmtree(storage.path("reference"))
+    make_dataset(storage.path("reference"), "traffic", SHAPES, background=90, seed=6, n_train=30, n_test=6)
+    outcome = learn_dataset(settings, make_dataset(tmp_path / "last", "last", QUADS, background=10, seed=3),
+                            heldout=[])  # fmt: skip
+    assert len(storage.list_dir("artifacts/references")) == 2
+    assert _bundle_reference(settings, outcome.version, tmp_path)["images"] == 36
+
+
+def test_an_invalid_reference_drop_stops_learning_with_a_clear_error_and_registers_nothing(ray_session, tmp_path):
+    from pipelines.learning import learn_dataset
+    from services.reference import ReferenceDatasetError
+    from services.registry import Registry
+    from services.storage import open_storage
+
+    settings = Settings.load(
+        home=str(tmp_path / "home"),
+        train={"epochs": 1, "batch_size": 32, "seed": 0},
+        promotion={"require_learned": False, "require_new_task_gain": False},
+        ray={"num_cpus": 2},
+    )
+    storage = open_storage(settings)
+    root = Path(make_dataset(storage.path("reference"), "traffic", SHAPES, background=200, seed=5, n_train=30))
+    shard = sorted((root / "train").glob("*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    with pytest.raises(ReferenceDatasetError, match=r"reference dataset .*reference is not valid: .*train/"):
+        learn_dataset(settings, make_dataset(tmp_path / "quads", "quads", QUADS, background=60, seed=0), heldout=[])
+    assert Registry(settings).list_versions() == []
+    assert storage.list_dir("artifacts/references") == []

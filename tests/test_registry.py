@@ -92,11 +92,14 @@ def test_versions_carry_their_lineage_and_download_as_loadable_bundles(bundles, 
     x, _ = quadrant_domain(6, 3, -1.5, seed=99)
     torch.testing.assert_close(downloaded.predict(x).confidence, original.predict(x).confidence)
 
-    # Artifacts go to the configured local artifact location, not to ./mlruns of the working directory.
+    # Each version is an MLflow model of its run, the bundle among its artifacts; they go to the
+    # configured local artifact location, not to ./mlruns of the working directory.
     location = Path(registry.settings.mlflow.artifact_location)
     for v in (v1, v2):
-        assert v.source.startswith(location.as_uri())
-        assert (Path(v.source.removeprefix("file://")) / "bundle.json").exists()
+        assert v.model_id and v.source == f"models:/{v.model_id}"
+        stored = registry.client.get_logged_model(v.model_id).artifact_location
+        assert stored.startswith(location.as_uri())
+        assert (Path(stored.removeprefix("file://")) / "artifacts" / "bundle" / "bundle.json").exists()
 
 
 def test_a_bundle_that_extends_no_registered_version_is_refused(bundles, registry, tmp_path):
@@ -265,7 +268,8 @@ def test_an_mlflow_server_with_s3_artifacts_registers_and_serves_bundles(bundles
     assert registry.register_bundle(bundles["v1"]) == 1
     assert registry.register_bundle(bundles["v2"]) == 2
     registry.set_alias("production", 2)
-    assert registry.get_version(2).source.startswith("mlflow-artifacts:/")
+    model_id = registry.get_version(2).model_id
+    assert registry.client.get_logged_model(model_id).artifact_location.startswith("mlflow-artifacts:/")
     local = registry.download_bundle(registry.get_alias("production"), tmp_path / "prod")
     model = load_bundle(local, model=fresh_model())
     assert [t.name for t in model.tasks] == ["alpha", "beta"]

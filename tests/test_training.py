@@ -205,7 +205,10 @@ def test_two_tasks_in_a_row_become_versions_1_and_2(ray_session, datasets, tmp_p
     run = registry.client.get_run(versions[2].run_id)
     assert run.data.params["dataset.fingerprint"] == second.job.dataset_fingerprint
     assert run.data.params["ray.run_id"] == second.job.ray_run_id and run.data.params["scaling.workers"] == "2"
-    assert run.data.params["code_version"] and run.data.params["backbone.fingerprint"]
+    assert run.data.tags["mlflow.source.name"] and run.data.params["backbone.fingerprint"]
+    # The run spans the training job, and names the dataset it trained on.
+    assert run.info.end_time - run.info.start_time >= second.job.job_seconds * 1000
+    assert "corners" in {d.dataset.name for d in run.inputs.dataset_inputs}
     history = registry.client.get_metric_history(run.info.run_id, "train_loss")
     assert sorted(m.step for m in history) == [1, 2]
     assert {"transfer", "average", "last", "zero_shot_retention"} <= set(run.data.metrics)

@@ -43,6 +43,7 @@ from services.serving.bundles import (
     describe_error,
 )
 from services.serving.config import HIGH_THROUGHPUT_ENV, AppArgs, ReplicaConfig, replica_config
+from services.serving.docs import document_operations, install_docs
 from services.serving.memory import MemoryReleaser
 from services.serving.metrics import CONTENT_TYPE_LATEST, MetricsMiddleware, ServingMetrics
 from services.serving.metrics import set_current as set_current_metrics
@@ -94,8 +95,16 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 api = FastAPI(
     title="DIKI classifier",
     version="1",
-    description="Image classification with a CLIP model that keeps learning (DIKI). See docs/serving.md.",
+    description=(
+        "Image classification with a CLIP model that keeps learning (DIKI): each image is routed to the "
+        "learned task it fits, or answered by the frozen model when it fits none. Open-vocabulary labels "
+        "work too. See docs/serving.md."
+    ),
+    # The documentation pages are served from the app's own assets (services.serving.docs), offline.
+    docs_url=None,
+    redoc_url=None,
 )
+install_docs(api)
 
 
 @api.exception_handler(ApiError)
@@ -136,7 +145,7 @@ def _openapi() -> dict[str, Any]:
             "ApiKey": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER},
             "AdminKey": {"type": "apiKey", "in": "header", "name": ADMIN_KEY_HEADER},
         }
-        api.openapi_schema = schema
+        api.openapi_schema = document_operations(schema)
     return api.openapi_schema
 
 
