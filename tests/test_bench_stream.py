@@ -95,7 +95,7 @@ def test_cli_writes_json_table_and_heatmaps(data_dir, tmp_path):
     args = [
         "bench", "stream", "--order", "faces,textures", "--data", str(data_dir), "--out", str(out),
         "--methods", "zero-shot,diki", "--extra-roles", "", "--backbone", "diki-test-tiny", "--epochs", "1",
-        "--train-limit", "48", "--test-limit", "24",
+        "--train-limit", "48", "--test-limit", "24", "--seeds", "0",
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -115,3 +115,28 @@ def test_unknown_method_and_domain_are_clear_errors(data_dir):
     stream, _ = offline_stream(data_dir, order=["faces"], extra_roles=())
     with pytest.raises(ValueError, match="unknown methods"):
         StreamBenchmark("diki-test-tiny", None, stream, [], ["magic"])
+
+
+def test_cli_runs_several_seeds_and_writes_mean_and_spread_into_a_page(data_dir, tmp_path):
+    from pipelines.cli import app
+
+    out, doc = tmp_path / "bench", tmp_path / "results.md"
+    doc.write_text("# Results\n\n<!-- bench-stream:begin -->\nold\n<!-- bench-stream:end -->\n\nkept\n")
+    args = [
+        "bench", "stream", "--order", "faces,textures", "--data", str(data_dir), "--out", str(out),
+        "--methods", "zero-shot,diki,true-task", "--extra-roles", "", "--backbone", "diki-test-tiny", "--epochs", "1",
+        "--train-limit", "48", "--test-limit", "24", "--seeds", "0,1", "--doc", str(doc),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    runs = [json.loads((out / "custom" / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+    agg = json.loads((out / "aggregate.json").read_text())
+    assert agg["runs"] == ["custom/seed-0", "custom/seed-1"]
+    lasts = [next(r["last"] for r in run["summary"] if r["method"] == "true-task") for run in runs]
+    assert agg["methods"]["true-task"]["columns"]["last"] == lasts
+    mean, std = sum(lasts) / 2, abs(lasts[0] - lasts[1]) / 2**0.5  # sample std of two values
+    text = doc.read_text()
+    assert text.startswith("# Results\n") and text.rstrip().endswith("kept") and "old" not in text
+    cell = f"{mean:.1f} ± {std:.1f}"
+    assert any(line.startswith("| true-task |") and cell in line for line in text.splitlines()), text
+    assert "--seeds 0,1" in text

@@ -67,3 +67,95 @@ def write_report(results: dict[str, MethodResult], out_dir: str | Path, meta: di
             r.acc, r.eval_names, out / f"heatmap-{m}.png", title=f"{m}: accuracy (%) after each step", row_names=rows
         )
     return paths
+
+
+# ------------------------------------------------------------------------- several seeds and orders
+AGG_COLUMNS = (
+    ("transfer", "Transfer"),
+    ("average", "Average"),
+    ("last", "Last"),
+    ("heldout_change", "held-out change"),
+    ("pretrain_change", "pre-training change"),
+    ("routing_last", "routing (last step)"),
+)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, var**0.5
+
+
+def _fmt(values: list[float | None], sign: bool = False) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    mean, std = _mean_std(vals)
+    body = f"{mean:+.1f}" if sign else f"{mean:.1f}"
+    return body if len(vals) == 1 else f"{body} ± {std:.1f}"
+
+
+def aggregate_runs(runs: dict[str, dict[str, MethodResult]]) -> dict[str, Any]:
+    """Mean and spread over runs (``{"order-1/seed-0": results, ...}``) of every summary column and per-set change."""
+    methods = list(next(iter(runs.values())))
+    out: dict[str, Any] = {"runs": list(runs), "methods": {}}
+    for m in methods:
+        rows = [next(r for r in summary_rows({m: res[m]})) for res in runs.values()]
+        per_set: dict[str, list[float]] = {}
+        for res in runs.values():
+            for name, change in res[m].retention().items():
+                per_set.setdefault(name, []).append(change)
+        out["methods"][m] = {
+            "columns": {key: [row[key] for row in rows] for key, _ in AGG_COLUMNS},
+            "per_set_change": per_set,
+            "refused": {run: res[m].refused for run, res in runs.items()},
+        }
+    return out
+
+
+def aggregate_markdown(agg: dict[str, Any], bound_method: str = "true-task") -> str:
+    """Tables of mean ± standard deviation over the runs: the summary, then each held-out and pre-training set."""
+    lines = [f"Mean ± standard deviation over {len(agg['runs'])} runs ({', '.join(agg['runs'])}).", ""]
+    lines.append("| method | " + " | ".join(title for _, title in AGG_COLUMNS) + " |")
+    lines.append("|---|" + "---|" * len(AGG_COLUMNS))
+    for m, a in agg["methods"].items():
+        cells = [_fmt(a["columns"][key], sign="change" in key) for key, _ in AGG_COLUMNS]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    bound = agg["methods"].get(bound_method)
+    if bound is not None:
+        lines += ["", f"Last as a share of the {bound_method} bound (run by run, then averaged):", ""]
+        lines += ["| method | Last / bound |", "|---|---|"]
+        for m, a in agg["methods"].items():
+            if m in (bound_method, "zero-shot"):
+                continue
+            shares = [100 * x / b for x, b in zip(a["columns"]["last"], bound["columns"]["last"], strict=True) if b]
+            lines.append(f"| {m} | {_fmt(shares)}% |")
+    sets = sorted({s for a in agg["methods"].values() for s in a["per_set_change"]})
+    if sets:
+        shown = [m for m in agg["methods"] if m not in ("zero-shot", bound_method)]
+        lines += ["", "Change vs zero-shot after the last step, per held-out and pre-training set (points):", ""]
+        lines += ["| set | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
+        for s in sets:
+            cells = [_fmt(agg["methods"][m]["per_set_change"].get(s, []), sign=True) for m in shown]
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    refusing = {m: a["refused"] for m, a in agg["methods"].items() if any(a["refused"].values())}
+    if refusing:
+        lines += ["", "Tasks the learning check refused (validation split only):", ""]
+        for m, per_run in refusing.items():
+            lines.append(f"- {m}: " + "; ".join(f"{run}: {', '.join(r) or 'none'}" for run, r in per_run.items()))
+    return "\n".join(lines)
+
+
+def write_doc_section(doc: str | Path, marker: str, body: str) -> None:
+    """Replace the text between ``<!-- marker:begin -->`` and ``<!-- marker:end -->`` in ``doc`` (appended if absent)."""
+    path = Path(doc)
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    text = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)

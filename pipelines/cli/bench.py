@@ -35,14 +35,18 @@ def _print_results(results, out: Path, paths: dict) -> None:
     console.print("heatmaps: " + ", ".join(str(p) for k, p in paths.items() if k.startswith("heatmap-")))
 
 
+DEFAULT_STREAM_METHODS = ("zero-shot", "diki", "diki-standardized", "diki-paper", "iki", "true-task")
+
+
 @bench_app.command("stream")
 def stream(
-    order: str = typer.Option("order-1", help="Stream order: order-1, order-2, or a comma-separated domain list."),
+    order: str = typer.Option(
+        "order-1,order-2", help="Stream orders (order-1, order-2, comma-separated), or one comma-separated domain list."
+    ),
+    seeds: str = typer.Option("0,1,2", help="Seeds to run (comma-separated); tables give mean ± std over runs."),
     data: Path = typer.Option(Path(".diki/data"), help="Folder of built domains (missing ones are built)."),
     out: Path = typer.Option(Path(".diki/bench/stream"), help="Where results, heatmaps and the table go."),
-    methods: str = typer.Option(
-        ",".join(("zero-shot", "diki", "diki-paper", "iki", "true-task", "prefix", "finetune"))
-    ),
+    methods: str = typer.Option(",".join(DEFAULT_STREAM_METHODS), help="Methods (also: prefix, finetune)."),
     backbone: str = typer.Option("diki-small", help="open_clip model name, project config, or local-dir:PATH."),
     pretrained: str | None = typer.Option(None, help="open_clip pretrained tag or weights path."),
     epochs: int = typer.Option(10, min=1, help="Epochs per task (the authors' 10)."),
@@ -55,41 +59,85 @@ def stream(
     train_limit: int | None = typer.Option(600, help="At most this many training images per task."),
     test_limit: int | None = typer.Option(200, help="At most this many test images per evaluation set."),
     extra_roles: str = typer.Option("heldout,pretrain", help="Roles of the extra evaluation sets (comma-separated)."),
-    seed: int = typer.Option(0),
+    doc: Path | None = typer.Option(None, help="Also write the tables into this Markdown page (between markers)."),
     device: str = typer.Option("cpu", help="cpu or cuda"),
 ) -> None:
-    """Run a task stream, evaluate every set after every step, and report the paper's metrics."""
+    """Run task streams (each order, each seed), evaluate every set after every step, report the paper's metrics.
+
+    Hyperparameters are fixed before the run or chosen on validation splits (the learning rate by
+    `benchmarks/bench_adapter_lr.py`, the learning check on each task's validation split); test
+    images are only ever scored.
+    """
+    import json
+
     from diki_model import TrainConfig, adapter_lr
     from diki_model.bench.offline import offline_stream
-    from diki_model.bench.report import write_report
+    from diki_model.bench.report import aggregate_markdown, aggregate_runs, write_doc_section, write_report
     from diki_model.bench.stream import StreamBenchmark
 
-    order_arg: str | list[str] = order if order.startswith("order-") else [s.strip() for s in order.split(",")]
-    t0 = time.perf_counter()
+    tokens = [s.strip() for s in order.split(",") if s.strip()]
+    orders: list[str | list[str]] = tokens if all(t.startswith("order-") for t in tokens) else [tokens]  # type: ignore[list-item]
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError as err:
+        raise typer.BadParameter(
+            f"seeds must be comma-separated integers, got {seeds!r}", param_hint="--seeds"
+        ) from err
+    if not seed_list:
+        raise typer.BadParameter("give at least one seed", param_hint="--seeds")
+    t_all = time.perf_counter()
     roles = [r.strip() for r in extra_roles.split(",") if r.strip()]
-    stream_tasks, extras = offline_stream(data, order_arg, extra_roles=roles, seed=seed)
     lr = lr if lr is not None else adapter_lr(backbone, pretrained)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    bench = StreamBenchmark(
-        backbone, pretrained, stream_tasks, extras, method_list, cfg, device=device,
-        train_limit=train_limit, test_limit=test_limit, seed=seed, log=typer.echo,
-    )  # fmt: skip
-    results = bench.run()
-    meta = {
-        "command": "diki bench stream " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in dict(
-                order=order, methods=methods, backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
-                train_limit=train_limit, test_limit=test_limit, seed=seed).items()
-        ),
-        "stream": [t.name for t in stream_tasks],
-        "extra": [t.name for t in extras],
-        "train_config": cfg.to_dict(),
-        "seconds": round(time.perf_counter() - t0, 1),
-    }  # fmt: skip
-    paths = write_report(results, out, meta)
-    _print_results(results, out, paths)
-    typer.echo(f"finished in {meta['seconds']:.0f}s")
+    single = len(orders) * len(seed_list) == 1
+    runs = {}
+    for order_arg in orders:
+        order_name = order_arg if isinstance(order_arg, str) else "custom"
+        for seed in seed_list:
+            t0 = time.perf_counter()
+            typer.echo(f"== {order_name}, seed {seed} ==")
+            stream_tasks, extras = offline_stream(data, order_arg, extra_roles=roles, seed=0)
+            cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+            bench = StreamBenchmark(
+                backbone, pretrained, stream_tasks, extras, method_list, cfg, device=device,
+                train_limit=train_limit, test_limit=test_limit, seed=seed, log=typer.echo,
+            )  # fmt: skip
+            results = bench.run()
+            meta = {
+                "command": "diki bench stream " + " ".join(
+                    f"--{k.replace('_', '-')} {v}" for k, v in dict(
+                        order=order_name if isinstance(order_arg, str) else ",".join(order_arg), seeds=seed,
+                        methods=",".join(method_list), backbone=backbone, epochs=epochs, batch_size=batch_size,
+                        lr=lr, train_limit=train_limit, test_limit=test_limit).items()
+                ),
+                "stream": [t.name for t in stream_tasks],
+                "extra": [t.name for t in extras],
+                "train_config": cfg.to_dict(),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }  # fmt: skip
+            run_out = out if single else out / order_name / f"seed-{seed}"
+            paths = write_report(results, run_out, meta)
+            _print_results(results, run_out, paths)
+            runs[f"{order_name}/seed-{seed}"] = results
+    seconds = time.perf_counter() - t_all
+    if not single:
+        agg = aggregate_runs(runs)
+        command = (
+            f"diki bench stream --order {order} --seeds {seeds} --methods {','.join(method_list)} "
+            f"--backbone {backbone} --epochs {epochs} --batch-size {batch_size} --lr {lr} "
+            f"--train-limit {train_limit} --test-limit {test_limit}"
+        )
+        table = aggregate_markdown(agg)
+        body = f"```\n{command}\n```\n\n{table}\n\n({len(runs)} runs in {seconds:.0f} s.)"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.md").write_text(body + "\n")
+        (out / "aggregate.json").write_text(json.dumps({"command": command, "seconds": round(seconds, 1), **agg},
+                                                       indent=2))  # fmt: skip
+        typer.echo(table)
+        if doc is not None:
+            write_doc_section(doc, "bench-stream", body)
+            typer.echo(f"tables written into {doc}")
+    typer.echo(f"finished in {seconds:.0f}s")
 
 
 @bench_app.command("mtil")
