@@ -112,3 +112,17 @@ def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log_path: Path, timeo
     raise RuntimeError(
         f"weed mini not healthy at {url} after {timeout_s} s:\n{log_path.read_text(errors='replace')[-3000:]}"
     )
+
+
+# Settings read these from the environment, so a test that leaves one behind silently points every
+# later test at its servers (MLflow's ``set_tracking_uri`` exports MLFLOW_TRACKING_URI, for one).
+_SETTINGS_ENV = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RAY_ADDRESS", "DIKI_CONFIG")
+
+
+@pytest.fixture(autouse=True)
+def _no_settings_env_leak() -> Iterator[None]:
+    before = {name: os.environ.get(name) for name in _SETTINGS_ENV}
+    yield
+    after = {name: os.environ.get(name) for name in _SETTINGS_ENV}
+    leaked = {name: value for name, value in after.items() if value != before[name]}
+    assert not leaked, f"the test left settings in the environment: {sorted(leaked)}"

@@ -56,14 +56,12 @@ def registered(server: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[R
 @pytest.fixture
 def tracking(server: str) -> Iterator[None]:
     """``models:/`` URIs resolve through MLflow's process-wide tracking URI, as a user's session would."""
-    import mlflow
+    # ``set_tracking_uri`` also exports MLFLOW_TRACKING_URI, which every later ``Settings.load`` would
+    # read: MLflow's own context manager restores the unset state (and the variable) afterwards.
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(server)
-    try:
+    with _use_tracking_uri(server):
         yield
-    finally:
-        mlflow.set_tracking_uri(before)
 
 
 def test_the_production_alias_loads_as_a_pyfunc_that_routes_and_gates_each_image(registered, tracking):
