@@ -8,11 +8,14 @@ in the process (2 logical CPUs) and the Ray Serve app following the production a
 the Prefect API are started (and one empty watcher pass made) before the clock starts, as in a
 running system. The clock starts when the upload begins (``Storage.copy_tree``: data first, marker
 last) and stops when the endpoint's ``/readyz`` names the new version. The watcher's poll interval is
-not in the measured time (a pass starts right after the marker); on average it adds half of
-``pipeline.poll_interval_s``.
+not in the measured time (a pass starts right after the marker): a drop waits for the next pass,
+on average half of ``pipeline.poll_interval_s`` (``--poll-interval``, 5 s here; the default
+setting is 30 s) and at worst all of it. The JSON gives the measured time, the time with the
+average wait (what the target is checked against) and with the worst wait. The job's own split
+(start-up, model build, statistics pass, epochs, learnability probe) comes from its timings.
 
 Writes ``benchmarks/results/pipeline.json`` and prints a summary. Target on 2 cores with diki-small:
-under 3 minutes for a 2,000-image task.
+under 90 s for a 2,000-image task (10 epochs), the average poll wait included.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = Path(__file__).parent / "results"
-TARGET_S = 180.0
+TARGET_S = 90.0
 
 # (stage reached, name of the time spent reaching it from the previous one)
 STAGES = [
@@ -63,6 +66,7 @@ def main() -> int:
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--test-size", type=int, default=400)
     parser.add_argument("--epochs", type=int, default=None, help="default: the settings' train.epochs")
+    parser.add_argument("--poll-interval", type=float, default=5.0, help="pipeline.poll_interval_s of the watcher")
     parser.add_argument("--out", type=Path, default=RESULTS / "pipeline.json")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     args = parser.parse_args()
@@ -75,7 +79,7 @@ def main() -> int:
         "backbone": {"name": args.backbone},
         "ray": {"num_cpus": 2},
         "serve": {"host": "127.0.0.1", "port": free_port()},
-        "pipeline": {"poll_interval_s": 30},
+        "pipeline": {"poll_interval_s": args.poll_interval},
     }
     if args.epochs:
         config["train"] = {"epochs": args.epochs}
@@ -188,6 +192,7 @@ def main() -> int:
             "startup_seconds": job.get("startup_seconds"),
             "train_seconds": job.get("train_seconds"),
             "images_per_second": job.get("images_per_second"),
+            "timings_s": {k: round(v, 2) for k, v in (job.get("timings") or {}).items()},
         },
         "outcome": {
             "status": result["status"],
@@ -197,7 +202,10 @@ def main() -> int:
         "startup_not_timed_s": round(startup_s, 2),
         "stages_s": {k: round(v, 2) for k, v in stages.items()},
         "drop_to_served_s": round(total, 2),
+        "poll_interval_s": settings.pipeline.poll_interval_s,
         "poll_wait_expected_s": settings.pipeline.poll_interval_s / 2,
+        "drop_to_served_with_expected_poll_s": round(total + settings.pipeline.poll_interval_s / 2, 2),
+        "drop_to_served_with_worst_poll_s": round(total + settings.pipeline.poll_interval_s, 2),
         "target_s": TARGET_S,
         "target_met": total + settings.pipeline.poll_interval_s / 2 <= TARGET_S,
     }

@@ -29,19 +29,25 @@ def evaluate(
     batch_size: int = 256,
     task: int | None = None,
     gate: float | None = None,
+    frozen_features: torch.Tensor | None = None,
 ) -> EvalResult:
     """Top-1 accuracy with the set's own class names; routing as in production unless forced.
 
     ``task``/``gate`` force the adapter and gate (``task=i, gate=1`` is the true-task upper
-    bound; ``gate=0`` the frozen zero-shot model).
+    bound; ``gate=0`` the frozen zero-shot model). ``frozen_features`` (N, D), the images' frozen
+    features computed once (they never change for a backbone), skips the frozen pass: only the
+    gated pass runs.
     """
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+    if frozen_features is not None and frozen_features.shape[0] != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {frozen_features.shape[0]} frozen feature rows")
     correct, routed, gates, ood = 0, {}, [], 0
     for start in range(0, images.shape[0], batch_size):
         x = images[start : start + batch_size]
         y = labels[start : start + batch_size]
-        p = model.predict(x, labels=list(classes), template=template, task=task, gate=gate, top_k=1)
+        f = None if frozen_features is None else frozen_features[start : start + batch_size]
+        p = model.predict(x, labels=list(classes), template=template, task=task, gate=gate, top_k=1, frozen_features=f)
         correct += int((p.label_index == y).sum())
         for t in p.task_index.tolist():
             routed[t] = routed.get(t, 0) + 1

@@ -114,9 +114,9 @@ def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log_path: Path, timeo
     )
 
 
-# Settings read these from the environment, so a test that leaves one behind silently points every
-# later test at its servers (MLflow's ``set_tracking_uri`` exports MLFLOW_TRACKING_URI, for one).
-_SETTINGS_ENV = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RAY_ADDRESS", "DIKI_CONFIG")
+# Settings read MLFLOW_TRACKING_URI from the environment, so a test that leaves it behind silently
+# points every later test at its registry (MLflow's ``set_tracking_uri`` exports it).
+_SETTINGS_ENV = ("MLFLOW_TRACKING_URI",)
 
 
 @pytest.fixture(autouse=True)
