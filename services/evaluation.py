@@ -31,7 +31,15 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from diki_model import DikiCLIP, DikiConfig, evaluate, frozen_features, load_task, read_bundle_manifest
+from diki_model import (
+    DikiCLIP,
+    DikiConfig,
+    evaluate,
+    frozen_features,
+    load_task,
+    read_bundle_manifest,
+    tensor_batches,
+)
 from diki_model.data import DatasetError, dataset_fingerprint, list_shards, load_split_tensors, read_manifest
 from services.accuracy import ZERO_SHOT_ROW, AccuracyMatrix, EvalColumn
 from services.backbone import create_model
@@ -48,7 +56,7 @@ HELDOUT_PREFIX = "heldout"
 FEATURE_CACHE_DIR: Final = "feature-cache"
 FEATURE_CACHE_FORMAT: Final = "diki-frozen-features"
 FEATURE_CACHE_VERSION: Final = 1
-EVAL_BATCH: Final = 256  # the batch of the frozen pass, the same as evaluate()'s
+EVAL_BATCH: Final = 256  # one batch size for the frozen pass and the gated pass
 
 
 class FeatureCache:
@@ -229,7 +237,15 @@ def build_accuracy_matrix(
             if math.isnan(acc[r][j]):
                 if ts.features is None:
                     ts.features = _frozen(model, ts, cache, backbone_fp, limit)
-                res = evaluate(model, ts.images, ts.labels, ts.classes, ts.template, frozen_features=ts.features)
+                res = evaluate(
+                    model,
+                    ts.images,
+                    ts.labels,
+                    ts.classes,
+                    ts.template,
+                    batch_size=EVAL_BATCH,
+                    frozen_features=ts.features,
+                )
                 acc[r][j] = float(res.accuracy)
     return AccuracyMatrix(
         rows=rows,
@@ -249,10 +265,7 @@ def _frozen(
         if hit is not None:
             log.info("frozen features of %s (%d images) from the feature cache", ts.column.name, len(hit))
             return hit
-    batches = (
-        (ts.images[s : s + EVAL_BATCH], ts.labels[s : s + EVAL_BATCH]) for s in range(0, len(ts.labels), EVAL_BATCH)
-    )
-    feats, _ = frozen_features(model, batches)
+    feats, _ = frozen_features(model, tensor_batches(ts.images, ts.labels, EVAL_BATCH, shuffle=False)(0))
     if cache is not None:
         cache.store(backbone_fp, fp, limit, feats, ts.labels)
     return feats
